@@ -1,0 +1,107 @@
+"""Safe reading of model files into flat state dicts.
+
+Every loader in vd_core reads files through :func:`read_state_dict`, so that no pickle is ever
+executed (``torch.load(weights_only=True)`` or safetensors) and every broken file gets the same
+clear error.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import pickle
+import zipfile
+from collections.abc import Mapping
+from pathlib import Path
+
+import torch
+
+from .errors import CheckpointError
+
+log = logging.getLogger(__name__)
+
+# Containers some training scripts wrap their weights in; unwrapped when they are the only payload.
+_WRAPPER_KEYS = ("state_dict", "model", "module", "params")
+
+
+def read_state_dict(path: str | os.PathLike, *, what: str = "model file", mmap: bool = True) -> dict[str, torch.Tensor]:
+    """Read ``path`` (``.safetensors``, or a ``torch.save`` file of plain tensors) into a flat dict.
+
+    Tensors keep their stored dtype and stay on the CPU; ``.pth`` files in the zip format are
+    memory-mapped so that a 5 GB file does not need 5 GB of RAM before it is used.
+
+    Raises:
+        CheckpointError: the file is missing, truncated/corrupt, holds objects other than tensors
+            (a pickle that would need code to load), or holds no tensors at all. The message names
+            ``what`` and the path.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{what} not found: {path}")
+    if path.stat().st_size == 0:
+        raise CheckpointError(f"{what} {path} is empty (0 bytes): the download did not finish; download it again.")
+    if path.suffix.lower() in (".safetensors", ".sft"):
+        state = _read_safetensors(path, what)
+    else:
+        state = _read_torch_file(path, what, mmap)
+    return _flatten_tensors(state, path, what)
+
+
+def _read_safetensors(path: Path, what: str) -> dict:
+    from safetensors.torch import load_file
+
+    try:
+        return load_file(str(path), device="cpu")
+    except Exception as exc:  # safetensors raises its own SafetensorError and OSError variants
+        raise CheckpointError(
+            f"{what} {path} is not a readable .safetensors file ({exc}); it is probably truncated or "
+            "corrupt: download it again."
+        ) from exc
+
+
+def _read_torch_file(path: Path, what: str, mmap: bool) -> object:
+    use_mmap = mmap and zipfile.is_zipfile(path)  # mmap needs the zip format (torch >= 1.6 files)
+    try:
+        return torch.load(str(path), map_location="cpu", weights_only=True, mmap=use_mmap)
+    except pickle.UnpicklingError as exc:
+        raise CheckpointError(
+            f"{what} {path} contains Python objects other than tensors, and loading it would run code "
+            f"from the file; it was not loaded ({str(exc).splitlines()[0]}). Use a file of plain "
+            "tensors or convert it to .safetensors from a trusted environment."
+        ) from exc
+    except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile) as exc:
+        raise CheckpointError(
+            f"{what} {path} could not be read as a PyTorch checkpoint ({str(exc).splitlines()[0]}); "
+            "it is probably truncated or corrupt, or not a model file: download it again."
+        ) from exc
+
+
+def _flatten_tensors(state: object, path: Path, what: str) -> dict[str, torch.Tensor]:
+    if isinstance(state, Mapping):
+        for key in _WRAPPER_KEYS:
+            inner = state.get(key)
+            if isinstance(inner, Mapping) and not any(isinstance(v, torch.Tensor) for v in state.values()):
+                log.debug("unwrapping %r from %s", key, path)
+                state = inner
+                break
+    if not isinstance(state, Mapping):
+        raise CheckpointError(f"{what} {path} holds a {type(state).__name__}, not a dictionary of tensors.")
+    tensors = {k: v for k, v in state.items() if isinstance(v, torch.Tensor)}
+    if not tensors:
+        raise CheckpointError(f"{what} {path} holds no tensors; it is not a model file.")
+    skipped = [k for k in state if k not in tensors]
+    if skipped:
+        log.debug("%s: ignoring %d non-tensor entries such as %s", path, len(skipped), skipped[:3])
+    return tensors
+
+
+def strip_prefix(state: Mapping[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
+    """The entries of ``state`` under ``prefix`` with the prefix removed."""
+    return {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+
+
+def describe_keys(keys, limit: int = 4) -> str:
+    """A short, readable sample of key names for error messages: ``'a', 'b', … (+12 more)``."""
+    keys = sorted(keys)
+    shown = ", ".join(repr(k) for k in keys[:limit])
+    return shown + (f", … (+{len(keys) - limit} more)" if len(keys) > limit else "")
