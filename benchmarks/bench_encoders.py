@@ -1,0 +1,123 @@
+"""Encoder benchmarks on random full-size weights: one JSON line per measurement.
+
+    python benchmarks/bench_encoders.py [--device cuda] [--dtype float16 bfloat16] [--quick]
+
+Each line: ``{"bench", "device", "dtype", "shape", "median_ms", "peak_mem_mb"}``. ``peak_mem_mb``
+is the peak CUDA memory allocated during the measurement, or on the CPU the process's peak
+resident memory so far. Weights are random (no download), built from the released sizes.
+
+To add an encoder, write a ``bench_<name>(device, dtype, quick)`` generator yielding result dicts
+(use :func:`measure`) and list it in ``BENCHMARKS``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import statistics
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from vd_core.clip_context import CLIPContextEncoder  # noqa: E402
+
+# openai/clip-vit-large-patch14 (vd_reference README, "Full-size manifest").
+CLIP_TEXT = {"vocab_size": 49408, "hidden_size": 768, "intermediate_size": 3072, "num_hidden_layers": 12,
+             "num_attention_heads": 12, "max_position_embeddings": 77, "projection_dim": 768}
+CLIP_VISION = {"hidden_size": 1024, "intermediate_size": 4096, "num_hidden_layers": 24, "num_attention_heads": 16,
+               "image_size": 224, "patch_size": 14, "projection_dim": 768}
+
+
+def measure(fn: Callable[[], object], device: torch.device, warmup: int, repeats: int) -> tuple[float, float]:
+    """Median wall time of ``fn()`` in ms and peak memory in MB (CUDA: allocated; CPU: process RSS)."""
+    for _ in range(warmup):
+        fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        times.append((time.perf_counter() - start) * 1000)
+    if device.type == "cuda":
+        peak = torch.cuda.max_memory_allocated(device) / 2**20
+    else:
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+    return statistics.median(times), peak
+
+
+def random_clip(device: torch.device, dtype: torch.dtype) -> CLIPContextEncoder:
+    """A full-size CLIP ViT-L/14 context encoder with N(0, 0.02) weights, through the real loader."""
+    from transformers import CLIPTextConfig, CLIPVisionConfig
+
+    with torch.device("meta"):
+        shapes = CLIPContextEncoder(CLIPTextConfig(**CLIP_TEXT), CLIPVisionConfig(**CLIP_VISION), 768).state_dict()
+    generator = torch.Generator(device).manual_seed(0)
+    state = {k: torch.randn(v.shape, generator=generator, device=device, dtype=dtype) * 0.02 for k, v in shapes.items()}
+    config = {"text_config": CLIP_TEXT, "vision_config": CLIP_VISION}
+    return CLIPContextEncoder.from_state_dict(state, config)
+
+
+def bench_clip(device: torch.device, dtype: torch.dtype, quick: bool) -> Iterator[dict]:
+    """CLIP text contexts from token ids, image contexts (with the CPU PIL preprocessing) with and
+    without masks, and the preprocessing alone."""
+    clip = random_clip(device, dtype)
+    warmup, repeats = (1, 3) if quick else (3, 10)
+    generator = torch.Generator().manual_seed(0)
+    for batch in (1,) if quick else (1, 8):
+        ids = torch.randint(0, 49406, (batch, 77), generator=generator)
+        yield _row("clip_text_encode", device, dtype, ids.shape,
+                   measure(lambda: clip.encode_text_ids(ids), device, warmup, repeats))
+    for batch in (1,) if quick else (1, 4):
+        images = torch.rand(batch, 3, 512, 512, generator=generator)  # the WebUI's input size
+        masks = (torch.rand(batch, 1, 512, 512, generator=generator) > 0.3).float()
+        yield _row("clip_image_encode", device, dtype, images.shape,
+                   measure(lambda: clip.encode_image(images), device, warmup, repeats))
+        yield _row("clip_image_encode_masked", device, dtype, images.shape,
+                   measure(lambda: clip.encode_image(images, masks), device, warmup, repeats))
+    yield _row("clip_image_preprocess", torch.device("cpu"), torch.float32, images.shape,
+               measure(lambda: _preprocess(clip, images), torch.device("cpu"), warmup, repeats))
+
+
+def _preprocess(clip: CLIPContextEncoder, images: torch.Tensor) -> torch.Tensor:
+    from vd_core.clip_preprocess import check_images, preprocess_images
+
+    return preprocess_images(check_images(images), clip.preprocessing)
+
+
+def _row(bench: str, device: torch.device, dtype: torch.dtype, shape, result: tuple[float, float]) -> dict:
+    median_ms, peak_mb = result
+    return {"bench": bench, "device": str(device), "dtype": str(dtype).removeprefix("torch."), "shape": list(shape),
+            "median_ms": round(median_ms, 3), "peak_mem_mb": round(peak_mb, 1)}
+
+
+BENCHMARKS = [bench_clip]
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--dtype", nargs="+", choices=["float32", "float16", "bfloat16"],
+                        help="default: float32 on the CPU, float16 bfloat16 float32 on a GPU")
+    parser.add_argument("--quick", action="store_true", help="batch 1 only, 1 warm-up and 3 timed runs")
+    args = parser.parse_args(argv)
+    device = torch.device(args.device)
+    dtypes = args.dtype or (["float32"] if device.type == "cpu" else ["float16", "bfloat16", "float32"])
+    torch.set_grad_enabled(False)
+    for name in dtypes:
+        for bench in BENCHMARKS:
+            for row in bench(device, getattr(torch, name), args.quick):
+                print(json.dumps(row), flush=True)
+
+
+if __name__ == "__main__":
+    main()
