@@ -9,9 +9,15 @@ from pathlib import Path
 
 import pytest
 
+import torch
+
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
+
+# The tiny models are far too small to gain from intra-op threads, and on a busy 2-core machine
+# extra threads thrash (measured 5-50x slower). VD_TEST_THREADS overrides.
+torch.set_num_threads(int(os.environ.get("VD_TEST_THREADS", "1")))
 
 
 def reference_dir() -> Path:
