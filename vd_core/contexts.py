@@ -12,6 +12,8 @@ from typing import Literal
 
 import torch
 
+from .errors import VDInputError
+
 ContextKind = Literal["image", "text"]
 
 
@@ -38,14 +40,14 @@ class GuidedContext:
 
     def __post_init__(self):
         if self.kind not in ("image", "text"):
-            raise ValueError(f"context kind must be 'image' or 'text', not {self.kind!r}")
+            raise VDInputError(f"context kind must be 'image' or 'text', not {self.kind!r}")
         if self.cond.dim() != 3 or self.uncond.shape[1:] != self.cond.shape[1:]:
-            raise ValueError(
+            raise VDInputError(
                 f"{self.kind} context: cond {tuple(self.cond.shape)} and uncond {tuple(self.uncond.shape)} "
                 "must both be (B, N, D) with the same N and D"
             )
         if self.ratio < 0:
-            raise ValueError(f"{self.kind} context: ratio must be ≥ 0, got {self.ratio}")
+            raise VDInputError(f"{self.kind} context: ratio must be ≥ 0, got {self.ratio}")
 
     def uncond_for(self, data_kind: ContextKind) -> torch.Tensor:
         """The unconditional tokens to use when the data is ``data_kind``."""

@@ -1,0 +1,154 @@
+"""Speed and memory of whole VD flows on full-size random weights: one JSON line per measurement.
+
+    python benchmarks/bench_flows.py [--device cpu|cuda] [--dtype fp32|fp16|bf16] [--quick]
+
+Measures, through the public flow functions of ``vd_core.flows``:
+
+* ``text_to_image``: 512×512, 50 DDIM steps, 2 images (the WebUI's defaults);
+* ``image_to_text``: 4 captions from a 512×512 image, 50 DDIM steps + Optimus sampling;
+* ``dual_context``: a prompt and an image (text strength 0.5), 512×512, 50 steps, 2 images.
+
+The models are the released sizes with random weights (nothing is read or downloaded): the
+four-flow diffuser and CLIP ViT-L/14 in ``--dtype``, the image VAE and Optimus in float32 (as
+``vd_core.models.load_models`` loads them). The tokenizers are stand-ins of the right vocabulary
+sizes, so captions are gibberish; their cost is that of real ones. ``--quick`` runs 256×256,
+4 steps, 1 image and 2 captions (a smoke test of the script; a CPU run still needs the full-size
+weights: about 13 GB of RAM in float32, 7 GB in bf16).
+
+Each line: ``{"bench", "device", "dtype", "width", "height", "n", "steps", "seconds",
+"seconds_per_step", "peak_mem_mb"}``. ``seconds`` is one timed run after a 2-step warm-up of the
+same flow; ``peak_mem_mb`` is ``torch.cuda.max_memory_allocated`` (weights included) on CUDA and
+the process's peak RSS on the CPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import sys
+import tempfile
+import time
+import zlib
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from vd_core.clip_context import CLIPContextEncoder  # noqa: E402
+from vd_core.diffuser import DiffuserConfig, DiffuserParts, FourFlowDiffuser  # noqa: E402
+from vd_core.flows import SamplingOptions, dual_context, image_to_text, text_to_image  # noqa: E402
+from vd_core.image_vae import ImageVAE, ImageVAEConfig  # noqa: E402
+from vd_core.models import VDModels  # noqa: E402
+from vd_core.optimus import OptimusVAE  # noqa: E402
+from vd_core.optimus.bert_encoder import BertEncoderConfig  # noqa: E402
+from vd_core.optimus.gpt2_decoder import GPT2DecoderConfig  # noqa: E402
+from vd_core.optimus.tokenizers import find_optimus_tokenizers  # noqa: E402
+
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+CLIP_BOS, CLIP_EOS = 49406, 49407
+BERT_VOCAB, GPT2_BPE_VOCAB = 28996, 50257  # bert-base-cased, GPT-2 (Optimus adds 3 tokens)
+
+
+class StandInCLIPTokenizer:
+    """Prompts → ``<|startoftext|>``, one stable pseudo-id per word, ``<|endoftext|>``."""
+
+    eos_token_id = pad_token_id = CLIP_EOS
+
+    def __call__(self, prompts, **kwargs):
+        return {"input_ids": [[CLIP_BOS, *(zlib.crc32(w.encode()) % CLIP_BOS for w in p.split()), CLIP_EOS] for p in prompts]}
+
+
+def stand_in_optimus_tokenizers(folder: Path):
+    """Vocabulary files of the release's sizes (GPT-2 tokens drawn from the byte alphabet, so every
+    id decodes)."""
+    (folder / "bert-base-cased").mkdir()
+    (folder / "gpt2").mkdir()
+    pieces = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+    pieces += [f"piece{i}" for i in range(BERT_VOCAB - len(pieces))]
+    (folder / "bert-base-cased" / "vocab.txt").write_text("\n".join(pieces) + "\n", encoding="utf-8")
+    alphabet = [chr(c) for c in range(33, 127)] + [chr(c) for c in range(161, 173)] + [chr(c) for c in range(174, 256)]
+    alphabet += [chr(256 + i) for i in range(256 - len(alphabet))]
+    tokens = alphabet + [a + b for a in alphabet for b in alphabet][: GPT2_BPE_VOCAB - len(alphabet)]
+    (folder / "gpt2" / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(tokens)}), encoding="utf-8")
+    (folder / "gpt2" / "merges.txt").write_text("#version: 0.2\n", encoding="utf-8")
+    return find_optimus_tokenizers(folder)
+
+
+def randomize_(module: torch.nn.Module) -> torch.nn.Module:
+    """Fill every parameter: matrices and kernels N(0, 1/fan_in), norm weights 1, other vectors 0
+    (activations stay of order 1 through the full-size stacks, in any dtype)."""
+    with torch.no_grad():
+        for name, parameter in module.named_parameters():
+            if parameter.dim() >= 2:
+                parameter.normal_(0.0, (parameter.numel() // parameter.shape[0]) ** -0.5)
+            else:
+                parameter.fill_(1.0 if name.endswith("weight") else 0.0)
+    return module.requires_grad_(False).eval()
+
+
+def random_models(device: torch.device, dtype: torch.dtype, tokenizer_dir: Path) -> VDModels:
+    """Full-size VD parts with random weights, made directly on ``device``."""
+    from transformers import CLIPTextConfig, CLIPVisionConfig
+
+    with torch.device("meta"):
+        diffuser = FourFlowDiffuser(DiffuserConfig.full_size(), DiffuserParts.all())
+    diffuser = diffuser.to(dtype).to_empty(device=device)  # the diffuser has no buffers to keep
+    text = CLIPTextConfig(vocab_size=49408, hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
+                          num_attention_heads=12, max_position_embeddings=77, projection_dim=768)
+    vision = CLIPVisionConfig(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
+                              image_size=224, patch_size=14, projection_dim=768)
+    with torch.device(device):
+        clip = CLIPContextEncoder(text, vision, 768, tokenizer=StandInCLIPTokenizer()).to(dtype)
+        image_vae = ImageVAE(ImageVAEConfig(ch=128, ch_mult=(1, 2, 4, 4), num_res_blocks=2, z_channels=4, embed_dim=4))
+        optimus = OptimusVAE(
+            BertEncoderConfig(BERT_VOCAB, 768, 12, 12, 3072, 512, 2, 768),
+            GPT2DecoderConfig(GPT2_BPE_VOCAB + 3, 768, 12, 12, 1024, 3072, 768),
+            stand_in_optimus_tokenizers(tokenizer_dir),
+        )
+    return VDModels(*(randomize_(part) for part in (diffuser, clip, image_vae, optimus)))
+
+
+def timed(run, device: torch.device) -> tuple[float, float]:
+    """Seconds of one ``run()`` and peak memory in MB."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+    start = time.perf_counter()
+    run()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        return time.perf_counter() - start, torch.cuda.max_memory_allocated(device) / 2**20
+    return time.perf_counter() - start, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--dtype", choices=DTYPES, help="default: fp16 on CUDA, fp32 on the CPU")
+    parser.add_argument("--quick", action="store_true", help="256×256, 4 steps, 1 image, 2 captions")
+    args = parser.parse_args(argv)
+    device = torch.device(args.device)
+    dtype = DTYPES[args.dtype or ("fp16" if device.type == "cuda" else "fp32")]
+    size, steps, images, captions = (256, 4, 1, 2) if args.quick else (512, 50, 2, 4)
+
+    with tempfile.TemporaryDirectory() as tokenizer_dir:
+        models = random_models(device, dtype, Path(tokenizer_dir))
+    picture = torch.rand(1, 3, size, size, generator=torch.Generator().manual_seed(0))
+    flows = {
+        "text_to_image": (images, lambda n, o: text_to_image(models, "a red car", width=size, height=size, n=n, options=o)),
+        "image_to_text": (captions, lambda n, o: image_to_text(models, picture, n=n, options=o)),
+        "dual_context": (images, lambda n, o: dual_context(models, "a red car", picture, text_strength=0.5, n=n,
+                                                           width=size, height=size, options=o)),
+    }
+    for name, (n, flow) in flows.items():
+        flow(n, SamplingOptions(steps=2))  # warm-up: kernels, allocator, cuDNN choices
+        seconds, peak = timed(lambda: flow(n, SamplingOptions(steps=steps)), device)
+        print(json.dumps({"bench": name, "device": str(device), "dtype": str(dtype).removeprefix("torch."),
+                          "width": size, "height": size, "n": n, "steps": steps, "seconds": round(seconds, 3),
+                          "seconds_per_step": round(seconds / steps, 4), "peak_mem_mb": round(peak)}), flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,301 @@
+"""The command line: ``python -m vd_core <flow> --models DIR …`` and ``python -m vd_core download``.
+
+Every flow of :mod:`vd_core.flows` is a sub-command writing PNG images or a TXT file (one sentence
+per line). Outputs are written under a temporary name and renamed at the end, so a failed or
+cancelled run never leaves a half-written file. Ctrl-C stops sampling between two steps (a second
+Ctrl-C aborts at once).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import signal
+import sys
+import tempfile
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from .errors import Cancelled, VDError, VDInputError
+from .flows import ImageSlot, SamplingOptions
+from .flows.image_prep import resize_images, resize_masks
+from .flows.options import SAMPLER_NAMES, SCHEDULER_NAMES
+
+log = logging.getLogger("vd_core")
+
+EXIT_ERROR, EXIT_CANCELLED = 1, 130
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+# sub-command → (flow function name, output kind, help)
+COMMANDS = {
+    "text-to-image": ("text_to_image", "png", "generate images from a prompt"),
+    "image-variation": ("image_variation", "png", "generate variations of an image"),
+    "image-to-text": ("image_to_text", "txt", "describe an image with sampled sentences"),
+    "text-variation": ("text_variation", "txt", "generate sentences related to a prompt"),
+    "dual-context": ("dual_context", "png", "generate images guided by an image and a prompt"),
+    "multi-context": ("multi_context", "png", "generate images guided by several images (masks optional) and a prompt"),
+    "edit-image": ("edit_image_with_text", "png", "edit an image through its description (I2T2I)"),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m vd_core",
+        description="Versatile Diffusion (Xu et al., arXiv 2211.08332): text→image, image variation, "
+        "image→text, text variation and multi-context generation with one model.",
+        epilog="Model folder: vd-four-flow-v1-0-fp16.pth, kl-f8.pth, optimus-vae.pth and clip-vit-large-patch14/ "
+        "(python -m vd_core download --models DIR fetches them). Example: python -m vd_core text-to-image "
+        "--models models/vd --prompt 'a red car' --out car.png",
+    )
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name, (_, kind, help_text) in COMMANDS.items():
+        sub = commands.add_parser(name, help=help_text, description=help_text)
+        _add_common(sub, kind)
+        _add_flow_arguments(name, sub)
+    dl = commands.add_parser("download", help="fetch the model files from the Hugging Face hub",
+                             description="Fetch the released VD files (about 7.5 GB) into the model folder.")
+    dl.add_argument("--models", required=True, type=Path, help="model folder to fill (created if needed)")
+    dl.add_argument("--fp32", action="store_true", help="the float32 diffuser instead of the released fp16 one")
+    dl.add_argument("--dry-run", action="store_true", help="show what would be fetched, fetch nothing")
+    return parser
+
+
+def _add_common(sub: argparse.ArgumentParser, kind: str) -> None:
+    sub.add_argument("--models", required=True, type=Path, help="folder with the VD model files")
+    default_out = "vd.png" if kind == "png" else "vd.txt"
+    sub.add_argument("--out", type=Path, default=Path(default_out),
+                     help=f"output file (default {default_out}); several images get _0, _1, … before the suffix")
+    sub.add_argument("-n", type=int, default=2 if kind == "png" else 4, help="number of results")
+    sub.add_argument("--steps", type=int, default=50, help="sampler steps (default 50)")
+    sub.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance scale (default 7.5)")
+    sub.add_argument("--sampler", choices=SAMPLER_NAMES, default="ddim", help="ddim is the official sampler")
+    sub.add_argument("--scheduler", choices=SCHEDULER_NAMES, default="uniform", help="sigmas of the k-samplers")
+    sub.add_argument("--eta", type=float, default=0.0, help="DDIM eta / ancestral noise (default 0)")
+    sub.add_argument("--seed", type=int, default=20, help="seed (default 20, the WebUI's)")
+    sub.add_argument("--per-item-seeds", action="store_true", help="result i uses seed+i (ComfyUI style)")
+    sub.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, mps … (default: cuda when available)")
+    sub.add_argument("--dtype", choices=[*DTYPES, "auto"], default="auto", help="default fp16 on GPU, fp32 on CPU")
+    sub.add_argument("-v", "--verbose", action="store_true", help="log every step")
+
+
+def _add_flow_arguments(name: str, sub: argparse.ArgumentParser) -> None:
+    image_input = name in ("image-variation", "image-to-text", "dual-context", "edit-image")
+    if image_input:
+        sub.add_argument("--image", required=True, type=Path, help="input image file")
+    if name == "multi-context":
+        sub.add_argument("--image", required=True, action="append", dest="slots", metavar="PATH[,mask=M][,weight=W][,focus=F]",
+                         help="an image slot, repeatable; mask: a grayscale image, white = keep")
+    if name in ("text-to-image", "text-variation"):
+        sub.add_argument("--prompt", required=True, help="the prompt")
+    if name in ("dual-context", "multi-context"):
+        sub.add_argument("--prompt", default="", help="optional prompt")
+        sub.add_argument("--text-strength", type=float, default=0.0, help="prompt share 0…1 (default 0: images only)")
+    if name in ("text-to-image", "text-variation", "dual-context", "multi-context"):
+        sub.add_argument("--negative", default="", help="negative prompt (default: empty, as the official)")
+    if name in ("image-variation", "dual-context"):
+        sub.add_argument("--focus", type=float, default=0.5, help="0 semantic … 0.5 neutral … 1 style")
+    if name == "image-variation":
+        sub.add_argument("--fidelity", type=float, default=0.0, help="0 new image … 1 the input itself")
+    if name in ("image-variation", "edit-image"):
+        sub.add_argument("--color-adjust", choices=("simple", "none"), default="simple",
+                         help="match the output colours to the input (default simple)")
+    if name in ("image-to-text", "text-variation"):
+        sub.add_argument("--no-clean-up", action="store_true", help="keep repeated words")
+    if name == "edit-image":
+        sub.add_argument("--positive", required=True, help="what the edited image should show")
+        sub.add_argument("--negative", default="", help="what to remove from the image's description")
+    if COMMANDS[name][1] == "png":
+        sub.add_argument("--width", type=int, help="output width, multiple of 8 (default: from the input or 512)")
+        sub.add_argument("--height", type=int, help="output height, multiple of 8 (default: from the input or 512)")
+    if name in ("text-to-image", "dual-context", "multi-context", "edit-image"):
+        sub.add_argument("--init-image", type=Path, help="start from this image instead of noise")
+        sub.add_argument("--denoise", type=float, default=1.0, help="with --init-image: 0 keep … 1 replace (default 1)")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command line; returns the exit status (0 ok, 1 error, 2 usage, 130 cancelled)."""
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if getattr(args, "verbose", False) else logging.INFO, format="%(message)s")
+    try:
+        if args.command == "download":
+            return _download(args)
+        return _generate(args)
+    except Cancelled:
+        sys.stderr.write("cancelled; no output written\n")
+        return EXIT_CANCELLED
+    except KeyboardInterrupt:
+        sys.stderr.write("interrupted; no output written\n")
+        return EXIT_CANCELLED
+    except VDError as exc:
+        sys.stderr.write(f"error: {exc}\n")
+        return EXIT_ERROR
+
+
+def _download(args) -> int:
+    from .download import download, plan_downloads
+
+    paths = download(args.models, plan_downloads(fp32=args.fp32), dry_run=args.dry_run)
+    log.info("%s %d files in %s", "would fetch" if args.dry_run else "ready:", len(paths), args.models)
+    return 0
+
+
+def _generate(args) -> int:
+    from . import flows
+    from .models import load_models
+
+    flow_name, kind, _ = COMMANDS[args.command]
+    device, dtype = _placement(args.device, args.dtype)
+    inputs = _flow_inputs(args)  # read input files before the (slow) model loading
+    models = load_models(args.models, flows=(flow_name,), device=device, dtype=dtype)
+    if getattr(args, "init_image", None) is not None:
+        init = _read_image(args.init_image)
+        size = (args.width or init.shape[-1] // 8 * 8, args.height or init.shape[-2] // 8 * 8)
+        inputs["init_latent"] = models.require("image_vae", "--init-image").encode(resize_images(init, *size))
+        inputs["denoise"] = args.denoise
+        inputs["width"], inputs["height"] = size
+    with _CancelOnInterrupt() as cancel:
+        options = SamplingOptions(
+            steps=args.steps, guidance=args.guidance, sampler=args.sampler, scheduler=args.scheduler, eta=args.eta,
+            seed=args.seed, per_item_seeds=args.per_item_seeds, callback=report_progress,
+            cancel=cancel, device=device, dtype=dtype,
+        )
+        result = getattr(flows, flow_name)(models, n=args.n, options=options, **inputs)
+    if kind == "txt":
+        write_atomically([args.out], lambda paths: Path(paths[0]).write_text("\n".join(result) + "\n", encoding="utf-8"))
+        for line in result:
+            sys.stdout.write(line + "\n")
+        log.info("wrote %s", args.out)
+        return 0
+    targets = output_paths(args.out, result.images.shape[0])
+    write_atomically(targets, lambda paths: [_write_png(img, p) for img, p in zip(result.images, paths)])
+    log.info("wrote %s", ", ".join(str(t) for t in targets))
+    return 0
+
+
+def _flow_inputs(args) -> dict:
+    """Keyword arguments of the flow function from the parsed command line."""
+    names = ("prompt", "negative", "text_strength", "focus", "fidelity", "color_adjust", "positive", "width", "height")
+    inputs = {name: getattr(args, name) for name in names if getattr(args, name, None) is not None}
+    if hasattr(args, "no_clean_up"):
+        inputs["clean_up"] = not args.no_clean_up
+    if hasattr(args, "image"):
+        inputs["image"] = _read_image(args.image)
+    if hasattr(args, "slots"):
+        inputs["slots"] = [parse_slot(spec) for spec in args.slots]
+    return inputs
+
+
+def parse_slot(spec: str) -> ImageSlot:
+    """``PATH[,mask=M][,weight=W][,focus=F]`` → :class:`ImageSlot` (mask file: white = keep)."""
+    path, *options = spec.split(",")
+    values = {}
+    for option in options:
+        key, sep, value = option.partition("=")
+        if not sep or key.strip() not in ("mask", "weight", "focus"):
+            raise VDInputError(f"--image {spec!r}: expected PATH[,mask=M][,weight=W][,focus=F], got {option!r}")
+        values[key.strip()] = value.strip()
+    image = _read_image(Path(path))
+    mask = None
+    if "mask" in values:
+        mask = _read_mask(Path(values["mask"]))
+        mask = resize_masks(mask, image.shape[-1], image.shape[-2])
+    try:
+        return ImageSlot(image, mask, float(values.get("weight", 1.0)), float(values.get("focus", 0.5)))
+    except ValueError as exc:
+        raise VDInputError(f"--image {spec!r}: weight and focus must be numbers ({exc})") from exc
+
+
+def output_paths(out: Path, count: int) -> list[Path]:
+    """``out`` for one result; ``stem_0.suffix`` … for several."""
+    if count == 1:
+        return [out]
+    return [out.with_name(f"{out.stem}_{i}{out.suffix}") for i in range(count)]
+
+
+def write_atomically(targets: Sequence[Path], write: Callable[[list[str]], object]) -> None:
+    """Call ``write`` with temporary paths beside ``targets``, then rename them all onto the targets.
+
+    If ``write`` fails or is interrupted, the temporary files are removed and no target is touched.
+    """
+    temps = []
+    try:
+        for target in targets:
+            target.parent.mkdir(parents=True, exist_ok=True)
+            handle, temp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".partial")
+            os.close(handle)
+            temps.append(temp)
+        write(temps)
+        for temp, target in zip(temps, targets):
+            os.replace(temp, target)
+    finally:
+        for temp in temps:
+            if os.path.exists(temp):
+                os.remove(temp)
+
+
+class _CancelOnInterrupt:
+    """While active, the first Ctrl-C asks the sampler to stop between steps; a second one aborts."""
+
+    def __init__(self):
+        self.requested = False
+        self._previous = None
+
+    def __call__(self) -> bool:
+        return self.requested
+
+    def _handle(self, signum, frame):
+        self.requested = True
+        signal.signal(signal.SIGINT, self._previous)
+        sys.stderr.write("\nstopping after this step (Ctrl-C again to abort)\n")
+
+    def __enter__(self):
+        self._previous = signal.signal(signal.SIGINT, self._handle)
+        return self
+
+    def __exit__(self, *exc):
+        signal.signal(signal.SIGINT, self._previous)
+        return False
+
+
+def report_progress(step: int, total: int, x: torch.Tensor, x0_estimate: torch.Tensor) -> None:
+    """The sampler callback: one log line per step (shown with --verbose)."""
+    log.debug("step %d/%d", step + 1, total)
+
+
+def _placement(device: str, dtype: str) -> tuple[torch.device, torch.dtype]:
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device(device)
+    if dtype == "auto":
+        return device, torch.float16 if device.type == "cuda" else torch.float32
+    return device, DTYPES[dtype]
+
+
+def _read_image(path: Path) -> torch.Tensor:
+    """An image file → ``(1, 3, H, W)`` float in [0, 1] (RGB; transparency dropped)."""
+    try:
+        with Image.open(path) as image:
+            rgb = np.asarray(image.convert("RGB"))
+    except (OSError, ValueError) as exc:
+        raise VDInputError(f"cannot read image {path}: {exc}") from exc
+    return torch.from_numpy(rgb.copy()).permute(2, 0, 1)[None].float() / 255
+
+
+def _read_mask(path: Path) -> torch.Tensor:
+    """A grayscale mask file → ``(1, 1, H, W)`` in [0, 1], white = keep."""
+    try:
+        with Image.open(path) as image:
+            gray = np.asarray(image.convert("L"))
+    except (OSError, ValueError) as exc:
+        raise VDInputError(f"cannot read mask {path}: {exc}") from exc
+    return torch.from_numpy(gray.copy())[None, None].float() / 255
+
+
+def _write_png(image: torch.Tensor, path: str) -> None:
+    u8 = (image.detach().float().clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0).cpu().numpy()
+    Image.fromarray(u8, "RGB").save(path, format="PNG")

@@ -1,0 +1,58 @@
+"""What the flows return, and the shared decode steps: images (SPEC §6.1, §8.2) and texts
+(SPEC §6.2, §8.3)."""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+
+from ..caption_cleanup import remove_duplicate_words
+from ..color_match import match_color_simple
+from ..errors import VDInputError
+from ..samplers import NoiseSource, PerItemNoise
+
+COLOR_ADJUST_CHOICES = ("none", "simple")
+
+
+class ImageFlowResult(NamedTuple):
+    """Decoded images and the latents they came from.
+
+    Attributes:
+        images: ``(n, 3, H, W)`` float in [0, 1].
+        latents: ``(n, 4, H/8, W/8)`` unscaled kl-f8 latents (ComfyUI's LATENT convention).
+    """
+
+    images: torch.Tensor
+    latents: torch.Tensor
+
+
+def check_color_adjust(color_adjust: str) -> str:
+    """Normalise a colour-adjustment choice (``"none"``/``"simple"``, any case: the WebUI says "Simple")."""
+    choice = str(color_adjust).lower()
+    if choice not in COLOR_ADJUST_CHOICES:
+        raise VDInputError(f"color_adjust must be one of {', '.join(COLOR_ADJUST_CHOICES)}, got {color_adjust!r}")
+    return choice
+
+
+def decode_images(image_vae, latents: torch.Tensor, color_reference: torch.Tensor | None = None) -> ImageFlowResult:
+    """Decode unscaled latents; with ``color_reference`` ``(1 | n, 3, H, W)``, match colours to it
+    (the WebUI's "Simple" adjustment, SPEC §8.2)."""
+    images = image_vae.decode(latents)
+    if color_reference is not None:
+        images = match_color_simple(images, color_reference.to(device=images.device, dtype=images.dtype))
+    return ImageFlowResult(images, latents)
+
+
+def decode_texts(optimus, latents: torch.Tensor, noise: NoiseSource, clean_up: bool = True) -> list[str]:
+    """Sample one sentence per text latent ``(n, L)`` with the official Optimus sampler.
+
+    The tokens are drawn from the run's generator, continuing after the diffusion steps as the
+    WebUI's global RNG does (SPEC §7.4); with per-item seeds, sentence i uses item i's generator.
+    ``clean_up`` applies the WebUI's duplicate-word removal (SPEC §8.3).
+    """
+    if isinstance(noise, PerItemNoise):
+        texts = [optimus.decode(z[None], generator=g)[0] for z, g in zip(latents, noise.generators)]
+    else:
+        texts = optimus.decode(latents, generator=noise.generator)
+    return [remove_duplicate_words(t) if clean_up else t for t in texts]

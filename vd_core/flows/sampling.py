@@ -1,0 +1,233 @@
+"""Sampling glue shared by every flow: options → sampler, contexts → guided ε, seed → noise.
+
+The two entry points, :func:`sample_image` and :func:`sample_text`, are what the ComfyUI nodes and
+the high-level flows call. They validate the user's values, pick the exact official DDIM sampler
+(SPEC §7) or a k-diffusion-style sampler, apply classifier-free guidance over any number of
+contexts (SPEC §7.3), and convert image latents between the public unscaled convention and the
+diffusion space (``× LATENT_SCALE``, SPEC §6.1) at this boundary only.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Sequence
+
+import torch
+
+from ..contexts import ContextKind, GuidedContext
+from ..diffuser import ContextInput
+from ..errors import VDInputError
+from ..image_vae import LATENT_SCALE
+from ..samplers import (
+    BatchNoise,
+    GuidedEps,
+    NoiseSource,
+    PerItemNoise,
+    ddim_noised_start,
+    eps_model_to_denoiser,
+    img2img_sigmas,
+    initial_latent,
+    sample_ddim,
+    sample_dpmpp_2m,
+    sample_euler,
+    sample_euler_ancestral,
+    sigma_range,
+    sigmas_karras,
+    sigmas_uniform,
+)
+from .options import SAMPLER_NAMES, SCHEDULER_NAMES, SamplingOptions
+
+log = logging.getLogger(__name__)
+
+
+def check_options(options: SamplingOptions) -> None:
+    """Raise :class:`VDInputError` naming the field and the fix when ``options`` cannot be used."""
+    if isinstance(options.steps, bool) or not isinstance(options.steps, int) or options.steps < 1:
+        raise VDInputError(f"steps must be a whole number ≥ 1, got {options.steps!r}; 50 is the official value")
+    if not math.isfinite(options.guidance) or options.guidance < 0:
+        raise VDInputError(f"guidance must be ≥ 0, got {options.guidance}; 7.5 is the official value (1 = no guidance)")
+    if options.sampler not in SAMPLER_NAMES:
+        raise VDInputError(f"unknown sampler {options.sampler!r}; choose one of {', '.join(SAMPLER_NAMES)}")
+    if options.scheduler not in SCHEDULER_NAMES:
+        raise VDInputError(f"unknown scheduler {options.scheduler!r}; choose one of {', '.join(SCHEDULER_NAMES)}")
+    if not math.isfinite(options.eta) or options.eta < 0:
+        raise VDInputError(f"eta must be ≥ 0, got {options.eta}; 0 is deterministic DDIM")
+
+
+def check_count(n: int, what: str = "n") -> None:
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise VDInputError(f"{what} (the number of results) must be a whole number ≥ 1, got {n!r}")
+
+
+def check_image_size(width: int, height: int) -> None:
+    """Sizes must be positive multiples of 8: the image VAE downsamples by 8 (SPEC §6.1)."""
+    for name, value in (("width", width), ("height", height)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 8 or value % 8:
+            fix = max(8, 8 * round(value / 8)) if isinstance(value, (int, float)) and value > 0 else 512
+            raise VDInputError(f"{name} must be a positive multiple of 8, got {value!r}; use {fix}")
+
+
+def make_noise(options: SamplingOptions, n: int) -> NoiseSource:
+    """The run's noise source (see :class:`SamplingOptions`: official order or one seed per item)."""
+    if options.per_item_seeds:
+        return PerItemNoise([options.seed + i for i in range(n)])
+    return BatchNoise(options.seed + 100)  # the WebUI's torch.manual_seed(seed + 100), SPEC §8
+
+
+def encode_start_latent(image_vae, images: torch.Tensor, noise: NoiseSource, n: int) -> torch.Tensor:
+    """A VAE posterior sample of ``images`` to start image-to-image from, drawn first (SPEC §7.4).
+
+    The WebUI encodes its one input image once, from the run's generator, and repeats the sample
+    to the batch; with per-item seeds each item draws its own sample, as a single run would.
+
+    Args:
+        image_vae: ``ImageVAE``.
+        images: ``(1 | n, 3, H, W)`` in [0, 1].
+        noise: the run's noise source (:func:`make_noise`), continued afterwards by the sampler.
+
+    Returns:
+        ``(1 | n, 4, H/8, W/8)`` unscaled latents.
+    """
+    if isinstance(noise, PerItemNoise):
+        rows = [images[i : i + 1] if images.shape[0] == n else images[:1] for i in range(n)]
+        return torch.cat([image_vae.encode(row, generator=g) for row, g in zip(rows, noise.generators)])
+    return image_vae.encode(images, generator=noise.generator)
+
+
+@torch.no_grad()
+def sample_image(
+    diffuser,
+    contexts: Sequence[GuidedContext],
+    *,
+    width: int,
+    height: int,
+    n: int,
+    options: SamplingOptions,
+    init_latent: torch.Tensor | None = None,
+    denoise: float = 1.0,
+    noise: NoiseSource | None = None,
+) -> torch.Tensor:
+    """Sample ``n`` image latents.
+
+    Args:
+        diffuser: ``FourFlowDiffuser`` with the image data layers and the contexts' layers.
+        contexts: one or more :class:`GuidedContext` (batch 1 or ``n``).
+        width, height: output size in pixels, positive multiples of 8.
+        n: number of images.
+        options: steps, guidance, sampler, seed, callback (``x`` and ``x0_estimate`` in diffusion
+            space, i.e. scaled latents), cancel, device/dtype (the diffuser is moved there).
+        init_latent: optional **unscaled** ``(1 | n, 4, height/8, width/8)`` latent to start from.
+        denoise: how much of the schedule to run from ``init_latent`` (0…1): the last
+            ``int(steps·denoise)`` steps (DDIM: the official fidelity path from the noised latent,
+            SPEC §7.4) or ``round(steps·denoise)`` steps (k-samplers) of a ``steps``-step
+            schedule. 0 returns ``init_latent``; 1 (or no ``init_latent``) starts from pure noise.
+        noise: the run's noise source when the caller already drew from it (a VAE posterior
+            sample); ``None`` makes one from ``options``.
+
+    Returns:
+        ``(n, 4, height/8, width/8)`` unscaled latents (ComfyUI's LATENT convention).
+    """
+    check_options(options)
+    check_count(n)
+    check_image_size(width, height)
+    device, dtype = _placement(diffuser, options)
+    shape = (n, diffuser.config.in_channels, height // 8, width // 8)
+    x0 = None
+    if init_latent is not None:
+        if init_latent.dim() != 4 or init_latent.shape[0] not in (1, n) or tuple(init_latent.shape[1:]) != shape[1:]:
+            raise VDInputError(
+                f"init_latent has shape {tuple(init_latent.shape)} but a {width}×{height} run of {n} needs "
+                f"(1 or {n}, {shape[1]}, {shape[2]}, {shape[3]}); resize the image or pass width/height to match"
+            )
+        x0 = init_latent.to(device=device, dtype=dtype).expand(shape) * LATENT_SCALE
+    eps = _guided_eps(diffuser, contexts, "image", n, options, device, dtype)
+    x = _sample(eps, torch.zeros(shape, device=device, dtype=dtype), options, noise or make_noise(options, n), x0, denoise)
+    return x / LATENT_SCALE
+
+
+@torch.no_grad()
+def sample_text(
+    diffuser,
+    contexts: Sequence[GuidedContext],
+    *,
+    n: int,
+    options: SamplingOptions,
+    noise: NoiseSource | None = None,
+) -> torch.Tensor:
+    """Sample ``n`` Optimus text latents (no latent scaling for text, SPEC §6.2).
+
+    Args:
+        diffuser: ``FourFlowDiffuser`` with the text data layers and the contexts' layers.
+        contexts: one or more :class:`GuidedContext`; ``text_flow_uncond`` replaces ``uncond``.
+        n: number of latents; options: as for :func:`sample_image`.
+        noise: the run's noise source (``None``: made from ``options``); pass one to keep drawing
+            from it afterwards (the official Optimus sampling continues the same generator).
+
+    Returns:
+        ``(n, L)`` text latents, L = the diffuser's text latent size (768 full size).
+    """
+    check_options(options)
+    check_count(n)
+    device, dtype = _placement(diffuser, options)
+    eps = _guided_eps(diffuser, contexts, "text", n, options, device, dtype)
+    like = torch.zeros(n, diffuser.config.text_latent_dim, device=device, dtype=dtype)
+    return _sample(eps, like, options, noise or make_noise(options, n), None, 1.0)
+
+
+def _placement(diffuser, options: SamplingOptions) -> tuple[torch.device, torch.dtype]:
+    """Where to sample: the options' device/dtype (the diffuser is moved there) or the diffuser's."""
+    parameter = next(diffuser.parameters())
+    device = torch.device(options.device) if options.device is not None else parameter.device
+    dtype = options.dtype or parameter.dtype
+    if (parameter.device, parameter.dtype) != (device, dtype):
+        log.info("moving the diffuser to %s, %s", device, dtype)
+        diffuser.to(device=device, dtype=dtype)
+    return device, dtype
+
+
+def _guided_eps(diffuser, contexts, data_kind: ContextKind, n, options, device, dtype) -> GuidedEps:
+    if not contexts:
+        raise VDInputError("no context given: a flow needs at least one prompt or image")
+    kept = [c for c in contexts if c.ratio > 0]  # a zero-ratio context adds 0·Δ (SPEC §4.3)
+    if not kept:
+        raise VDInputError("every context has strength 0; give at least one a strength above 0")
+
+    def tokens(t: torch.Tensor, kind: str) -> torch.Tensor:
+        if t.shape[0] not in (1, n):
+            raise VDInputError(f"a {kind} context has batch {t.shape[0]} but {n} results were asked for; use 1 or {n}")
+        return t.to(device=device, dtype=dtype).expand(n, *t.shape[1:])
+
+    cond = [ContextInput(c.kind, tokens(c.cond, c.kind), c.ratio) for c in kept]
+    uncond = [ContextInput(c.kind, tokens(c.uncond_for(data_kind), c.kind), c.ratio) for c in kept]
+    return GuidedEps(diffuser, cond, None if options.guidance == 1 else uncond, options.guidance)
+
+
+def _sample(eps, like: torch.Tensor, options: SamplingOptions, noise: NoiseSource, x0, denoise: float) -> torch.Tensor:
+    """Run the chosen sampler in diffusion space; ``x0`` (scaled) and ``denoise`` < 1 select img2img."""
+    if not 0.0 <= denoise <= 1.0:
+        raise VDInputError(f"denoise must be between 0 and 1, got {denoise}; 1 starts from pure noise")
+    from_x0 = x0 is not None and denoise < 1.0
+    hooks = {"callback": options.callback, "cancel": options.cancel}
+    if options.sampler == "ddim":
+        ddim = {"eta": options.eta, "noise": noise, **hooks}
+        if not from_x0:
+            return sample_ddim(eps, noise(like), options.steps, **ddim)
+        k = int(options.steps * denoise)  # the WebUI's int(steps·(1 − fidelity)), SPEC §8
+        if k == 0:
+            return x0
+        x, start_step = ddim_noised_start(x0, options.steps, k, noise)
+        return sample_ddim(eps, x, options.steps, start_step=start_step, **ddim)
+
+    if options.scheduler == "karras":
+        sigmas = sigmas_karras(options.steps, *sigma_range())
+    else:
+        sigmas = sigmas_uniform(options.steps)
+    if from_x0:
+        sigmas = img2img_sigmas(sigmas, denoise)  # the same step count as DDIM's fidelity path
+    x = initial_latent(noise(like), sigmas, x0 if from_x0 else None)
+    denoiser = eps_model_to_denoiser(eps)
+    if options.sampler == "euler_ancestral":
+        return sample_euler_ancestral(denoiser, x, sigmas, eta=options.eta, noise=noise, **hooks)
+    sampler = sample_euler if options.sampler == "euler" else sample_dpmpp_2m
+    return sampler(denoiser, x, sigmas, **hooks)
