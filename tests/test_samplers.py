@@ -95,6 +95,16 @@ def test_ddim_seven_steps_run_eight(tiny_dir):
     assert seen == [(i, 8) for i in range(8)]
 
 
+@pytest.mark.parametrize("steps, count", [(3, 3), (9, 9), (27, 27), (37, 37), (111, 111), (333, 333),
+                                          (501, 999), (1000, 999)])
+def test_ddim_drops_the_timestep_past_the_schedule(steps, count):
+    # The official sequence ends at t = 1000 for these counts (and crashes); ours stops at 999.
+    timesteps = ddim_timesteps(steps)
+    assert int(timesteps.max()) == 1000 - 1000 // steps and len(timesteps) == count
+    out = sample_ddim(lambda x, t: torch.zeros_like(x), torch.ones(1, 3), steps, noise=BatchNoise(0))
+    assert torch.isfinite(out).all()
+
+
 @pytest.mark.parametrize("steps", [5, 7, 10, 50])
 @pytest.mark.parametrize("eta", [0.0, 0.5, 1.0])
 def test_ddim_coefficients_are_the_official_values(tiny_dir, official_schedule, steps, eta):

@@ -75,7 +75,8 @@ def _add_common(sub: argparse.ArgumentParser, kind: str) -> None:
     sub.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance scale (default 7.5)")
     sub.add_argument("--sampler", choices=SAMPLER_NAMES, default="ddim", help="ddim is the official sampler")
     sub.add_argument("--scheduler", choices=SCHEDULER_NAMES, default="uniform", help="sigmas of the k-samplers")
-    sub.add_argument("--eta", type=float, default=0.0, help="DDIM eta / ancestral noise (default 0)")
+    sub.add_argument("--eta", type=float, default=None,
+                     help="fresh noise per step (default: 0 for ddim, 1 for euler_ancestral)")
     sub.add_argument("--seed", type=int, default=20, help="seed (default 20, the WebUI's)")
     sub.add_argument("--per-item-seeds", action="store_true", help="result i uses seed+i (ComfyUI style)")
     sub.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, mps … (default: cuda when available)")

@@ -20,7 +20,8 @@ class SamplingOptions:
         guidance: classifier-free guidance scale (≥ 0; 1 runs the model once, without guidance).
         sampler: one of ``SAMPLER_NAMES``; ``"ddim"`` is the exact official sampler.
         scheduler: sigma spacing for the k-samplers, one of ``SCHEDULER_NAMES`` (DDIM ignores it).
-        eta: DDIM η (0 = deterministic) / ancestral noise amount for ``euler_ancestral``.
+        eta: fresh noise per step: DDIM η, or the ancestral amount for ``euler_ancestral``. None
+            takes the sampler's usual value: 0 for DDIM (deterministic, official), 1 for ancestral.
         seed: the user's seed. With ``per_item_seeds`` False, one CPU generator seeded with
             ``seed + 100`` (what the WebUI passes to ``torch.manual_seed``) draws all noise for the
             whole batch in the official order, so a WebUI seed reproduces the WebUI's result. With
@@ -35,7 +36,7 @@ class SamplingOptions:
     guidance: float = 7.5
     sampler: str = "ddim"
     scheduler: str = "uniform"
-    eta: float = 0.0
+    eta: float | None = None
     seed: int = 20
     per_item_seeds: bool = False
     callback: Callable[[int, int, torch.Tensor, torch.Tensor], None] | None = None

@@ -51,8 +51,15 @@ def check_options(options: SamplingOptions) -> None:
         raise VDInputError(f"unknown sampler {options.sampler!r}; choose one of {', '.join(SAMPLER_NAMES)}")
     if options.scheduler not in SCHEDULER_NAMES:
         raise VDInputError(f"unknown scheduler {options.scheduler!r}; choose one of {', '.join(SCHEDULER_NAMES)}")
-    if not math.isfinite(options.eta) or options.eta < 0:
+    if options.eta is not None and (not math.isfinite(options.eta) or options.eta < 0):
         raise VDInputError(f"eta must be ≥ 0, got {options.eta}; 0 is deterministic DDIM")
+
+
+def _eta(options: SamplingOptions) -> float:
+    """The η to use: the caller's, else 0 for DDIM (official) and 1 for ancestral sampling."""
+    if options.eta is not None:
+        return options.eta
+    return 1.0 if options.sampler == "euler_ancestral" else 0.0
 
 
 def check_count(n: int, what: str = "n") -> None:
@@ -210,7 +217,7 @@ def _sample(eps, like: torch.Tensor, options: SamplingOptions, noise: NoiseSourc
     from_x0 = x0 is not None and denoise < 1.0
     hooks = {"callback": options.callback, "cancel": options.cancel}
     if options.sampler == "ddim":
-        ddim = {"eta": options.eta, "noise": noise, **hooks}
+        ddim = {"eta": _eta(options), "noise": noise, **hooks}
         if not from_x0:
             return sample_ddim(eps, noise(like), options.steps, **ddim)
         k = int(options.steps * denoise)  # the WebUI's int(steps·(1 − fidelity)), SPEC §8
@@ -228,6 +235,6 @@ def _sample(eps, like: torch.Tensor, options: SamplingOptions, noise: NoiseSourc
     x = initial_latent(noise(like), sigmas, x0 if from_x0 else None)
     denoiser = eps_model_to_denoiser(eps)
     if options.sampler == "euler_ancestral":
-        return sample_euler_ancestral(denoiser, x, sigmas, eta=options.eta, noise=noise, **hooks)
+        return sample_euler_ancestral(denoiser, x, sigmas, eta=_eta(options), noise=noise, **hooks)
     sampler = sample_euler if options.sampler == "euler" else sample_dpmpp_2m
     return sampler(denoiser, x, sigmas, **hooks)

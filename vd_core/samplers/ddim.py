@@ -46,13 +46,18 @@ def ddim_timesteps(steps: int) -> torch.Tensor:
     ``c = 1000 // steps``; ``range(0, 1000, c) + 1``. S = 50 gives 1, 21, …, 981; S = 7 gives
     8 timesteps (1, 143, …, 995). Sampling runs them in reverse.
 
+    Where ``1000 - 1`` is a multiple of ``c`` (S = 3, 9, 27, 37, 111, 333, ≥ 501) the official
+    sequence ends at t = 1000, past the schedule, and the official sampler crashes; that
+    timestep is dropped here (S = 9 then gives exactly 9 steps).
+
     Returns:
-        ``(ceil(1000 / c),)`` int64 tensor.
+        ``(S',)`` int64 tensor, ``S' = ceil(1000 / c)`` minus the dropped timestep.
     """
     if not 1 <= int(steps) <= NUM_TRAIN_TIMESTEPS:
         raise VDInputError(f"DDIM steps must be between 1 and {NUM_TRAIN_TIMESTEPS}, got {steps}")
     stride = NUM_TRAIN_TIMESTEPS // int(steps)
-    return torch.arange(0, NUM_TRAIN_TIMESTEPS, stride, dtype=torch.long) + 1
+    timesteps = torch.arange(0, NUM_TRAIN_TIMESTEPS, stride, dtype=torch.long) + 1
+    return timesteps[timesteps < NUM_TRAIN_TIMESTEPS]
 
 
 class DDIMSchedule(NamedTuple):
