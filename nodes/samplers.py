@@ -1,0 +1,297 @@
+"""VD's own sampler nodes, one per flow (SPEC §7, §8).
+
+Image flows return a core ``LATENT`` (``{"samples": unscaled (B, 4, H/8, W/8)}``, the convention
+of VAE Decode and KSampler); text flows return ``VD_TEXT_LATENT`` for the Optimus nodes.
+
+Every batch item has its own noise generator, seeded ``seed + batch_index[i]`` (``batch_index``
+defaults to 0…B−1), so any item can be re-made alone: picked with Latent From Batch (which keeps
+``batch_index``), or as a batch of one with seed ``seed + i``.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from ..vd_core.contexts import GuidedContext
+from ..vd_core.errors import VDInputError
+from ..vd_core.flows.context_builders import mix_contexts
+from ..vd_core.flows.options import SAMPLER_NAMES, SCHEDULER_NAMES, SamplingOptions
+from ..vd_core.flows.sampling import sample_image, sample_text
+from ..vd_core.samplers import PerItemNoise
+from . import comfy_bridge as bridge
+from .node_errors import reported_as, require_part
+from .types import MAX_SEED, STORAGE_DEVICE, VD_CONTEXT, VD_MODEL, VD_TEXT_LATENT
+
+log = logging.getLogger(__name__)
+
+MAX_SIZE = 8192
+
+
+def sampling_inputs(context_tooltip: str) -> dict:
+    """The inputs every VD sampler shares (defaults: the official WebUI's, SPEC §8)."""
+    return {
+        "model": (VD_MODEL, {"tooltip": "The diffuser from the VD Loader (its vd_model output)."}),
+        "context": (VD_CONTEXT, {"tooltip": context_tooltip}),
+        "seed": ("INT", {"default": 20, "min": 0, "max": MAX_SEED, "control_after_generate": True, "tooltip": (
+            "Random seed. Batch item i uses seed + i (seed + batch_index[i] for a latent that carries one).")}),
+        "steps": ("INT", {"default": 50, "min": 1, "max": 1000, "tooltip": (
+            "Sampler steps (official: 50). DDIM with a count that does not divide 1000 runs a few more (SPEC §7.1).")}),
+        "cfg": ("FLOAT", {"default": 7.5, "min": 0.0, "max": 30.0, "step": 0.1, "round": 0.01, "tooltip": (
+            "Classifier-free guidance scale (official: 7.5); 1 runs the model once without guidance.")}),
+        "sampler": (list(SAMPLER_NAMES), {"default": "ddim", "tooltip": (
+            "ddim is the exact official sampler; euler, euler_ancestral and dpmpp_2m are k-diffusion samplers.")}),
+        "scheduler": (list(SCHEDULER_NAMES), {"default": "uniform", "tooltip": (
+            "Noise-level spacing for the k-diffusion samplers (DDIM always uses the official uniform steps).")}),
+        "eta": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 1.0, "step": 0.01, "tooltip": (
+            "DDIM eta: 0 = deterministic (official). Ignored by the other samplers; euler_ancestral uses 1, as in "
+            "ComfyUI.")}),
+    }
+
+
+def _options(seed, steps, cfg, sampler, scheduler, eta, preview: bool) -> SamplingOptions:
+    return SamplingOptions(
+        steps=steps, guidance=cfg, sampler=sampler, scheduler=scheduler, eta=eta if sampler == "ddim" else None, seed=seed,
+        per_item_seeds=True, callback=bridge.progress(steps, preview=preview), cancel=bridge.cancel_check(),
+    )
+
+
+def item_noise(seed: int, batch_index) -> PerItemNoise:
+    """One generator per batch item, seeded ``seed + batch_index[i]`` (wrapping at 2⁶⁴ like the
+    frontend's seed range)."""
+    return PerItemNoise([(int(seed) + int(b)) % (MAX_SEED + 1) for b in batch_index])
+
+
+def _latent_batch(latent: dict, display_name: str) -> tuple[torch.Tensor, list[int]]:
+    """The samples of a core LATENT and its batch indices (0…B−1 when it carries none)."""
+    samples = latent.get("samples") if isinstance(latent, dict) else None
+    if not isinstance(samples, torch.Tensor) or samples.dim() != 4 or samples.shape[1] != 4:
+        shape = tuple(samples.shape) if isinstance(samples, torch.Tensor) else type(samples).__name__
+        raise VDInputError(
+            f"{display_name}: the latent must be a 4-channel image latent (B, 4, H/8, W/8), got {shape}; "
+            "make it with VAE Encode (VD Loader's vae) or Empty Latent Image"
+        )
+    batch_index = list(latent.get("batch_index") or range(samples.shape[0]))
+    if len(batch_index) != samples.shape[0]:
+        raise VDInputError(
+            f"{display_name}: the latent has {samples.shape[0]} items but {len(batch_index)} batch indices; "
+            "pass it through the batch nodes unchanged"
+        )
+    if "noise_mask" in latent:
+        log.warning("%s: the latent's noise_mask is not used by VD's samplers (inpainting is not a VD flow)", display_name)
+    return samples, batch_index
+
+
+class _ImageSampler:
+    """Shared body of the image-output samplers."""
+
+    CATEGORY = "VersatileDiffusion/sampling"
+    RETURN_TYPES = ("LATENT",)
+    RETURN_NAMES = ("latent",)
+    OUTPUT_TOOLTIPS = ("Image latents: decode them with VAE Decode and the VD Loader's vae.",)
+    FUNCTION = "sample"
+
+    @staticmethod
+    def size_inputs() -> dict:
+        def side(name):
+            return ("INT", {"default": 512, "min": 64, "max": MAX_SIZE, "step": 8, "tooltip": (
+                f"Output {name} in pixels, a multiple of 8 (VD was trained at 512). Ignored when a latent is connected.")})
+
+        return {
+            "width": side("width"),
+            "height": side("height"),
+            "batch_size": ("INT", {"default": 1, "min": 1, "max": 64, "tooltip": (
+                "Number of images. Ignored when a latent is connected (its batch is used).")}),
+        }
+
+    def run(self, model, context, seed, steps, cfg, sampler, scheduler, eta, width, height, batch_size,
+            latent=None, denoise=1.0):
+        name = self.DISPLAY_NAME
+        with reported_as(name):
+            part = require_part(model, name, "diffuser", "diffuser", "vd_model")
+            init, batch_index = None, list(range(batch_size))
+            if latent is not None:
+                samples, batch_index = _latent_batch(latent, name)
+                height, width = samples.shape[2] * 8, samples.shape[3] * 8
+                init = samples if denoise < 1.0 else None  # at 1 the latent only gives size and batch
+            options = _options(seed, steps, cfg, sampler, scheduler, eta, preview=True)
+            result = sample_image(
+                part.use(), context, width=width, height=height, n=len(batch_index), options=options,
+                init_latent=init, denoise=denoise, noise=item_noise(seed, batch_index),
+            )
+            out = dict(latent) if latent is not None else {}
+            out["samples"] = result.to(STORAGE_DEVICE, torch.float32)
+            return (out,)
+
+
+class VDTextToImage(_ImageSampler):
+    DISPLAY_NAME = "VD Text to Image"
+    DESCRIPTION = (
+        "Samples images from a text context (or any mixed context) with VD's image flow. With a latent "
+        "and denoise < 1 it redraws an existing image (image-to-image)."
+    )
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {
+            "required": {
+                **sampling_inputs("The context: VD CLIP Text Context, or a mixer's output."),
+                **cls.size_inputs(),
+            },
+            "optional": {
+                "latent": ("LATENT", {"tooltip": (
+                    "Optional start latent (VAE Encode of an image) for image-to-image; it also sets the size and batch.")}),
+                "denoise": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 1.0, "step": 0.01, "tooltip": (
+                    "With a latent: how much of the schedule to run (1 = ignore its content, 0 = return it).")}),
+            },
+        }
+
+    def sample(self, model, context, seed, steps, cfg, sampler, scheduler, eta, width, height, batch_size,
+               latent=None, denoise=1.0):
+        return self.run(model, context, seed, steps, cfg, sampler, scheduler, eta, width, height, batch_size,
+                        latent, denoise)
+
+
+class VDImageVariation(_ImageSampler):
+    DISPLAY_NAME = "VD Image Variation"
+    DESCRIPTION = (
+        "Samples variations of an image from its image context (VD CLIP Image Context; its focus picks "
+        "semantic vs style). Fidelity > 0 starts from the image's latent and keeps more of its layout."
+    )
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {
+            "required": {
+                **sampling_inputs("The image context from VD CLIP Image Context."),
+                **cls.size_inputs(),
+            },
+            "optional": {
+                "latent": ("LATENT", {"tooltip": (
+                    "The input image through VAE Encode; needed when fidelity > 0. It also sets the size and batch.")}),
+                "fidelity": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 1.0, "step": 0.02, "tooltip": (
+                    "The WebUI's Fidelity: 0 = free variation, 1 = the input itself; in between the "
+                    "input latent is noised and int(steps·(1 − fidelity)) steps are run (SPEC §7.4).")}),
+            },
+        }
+
+    def sample(self, model, context, seed, steps, cfg, sampler, scheduler, eta, width, height, batch_size,
+               latent=None, fidelity=0.0):
+        if fidelity > 0 and latent is None:
+            raise VDInputError(
+                f"{self.DISPLAY_NAME}: fidelity {fidelity} needs the input image's latent; connect VAE Encode "
+                "(the image and the VD Loader's vae) to 'latent', or set fidelity to 0"
+            )
+        return self.run(model, context, seed, steps, cfg, sampler, scheduler, eta, width, height, batch_size,
+                        latent, 1.0 - fidelity)
+
+
+def join_image_slots(slots, text, text_strength: float) -> tuple[GuidedContext, ...]:
+    """The WebUI's Multi-Context conditioning (SPEC §8): the image slots' tokens concatenated into
+    ONE image context (257·k tokens, unconditional zeros) of ratio 1 − τ, plus the text context of
+    ratio τ when given with τ > 0.
+
+    Args:
+        slots: ``VD_CONTEXT`` tuples (or ``None`` for empty slots) from VD CLIP Image Context, each
+            already masked, focused and weighted.
+        text: an optional ``VD_CONTEXT`` from VD CLIP Text Context.
+        text_strength: τ ∈ [0, 1].
+    """
+    images = [context for slot in slots if slot is not None for context in slot]
+    if any(context.kind != "image" for context in images):
+        raise VDInputError("the image slots take image contexts only (VD CLIP Image Context); connect text to 'text'")
+    batch = max(context.cond.shape[0] for context in images)
+    cond = torch.cat([context.cond.expand(batch, -1, -1) for context in images], dim=1)
+    image_group = (GuidedContext("image", cond, torch.zeros_like(cond[:1])),)
+    if text is None or text_strength == 0:
+        return image_group
+    return mix_contexts([text, image_group], [text_strength, 1.0 - text_strength])
+
+
+class VDMultiContextSampler(_ImageSampler):
+    DISPLAY_NAME = "VD Multi Context Sampler"
+    DESCRIPTION = (
+        "The WebUI's Multi-Context: up to four images (each with its own mask, focus and weight from VD "
+        "CLIP Image Context) guide one image together, joined into a single image context, optionally "
+        "with a prompt whose share is the text strength."
+    )
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        shared = sampling_inputs("")
+        del shared["context"]
+        slot_tooltip = "An image context (VD CLIP Image Context, with its mask, focus and weight)."
+        return {
+            "required": {
+                "model": shared.pop("model"),
+                "image_1": (VD_CONTEXT, {"tooltip": slot_tooltip}),
+                **shared,
+                **cls.size_inputs(),
+                "text_strength": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 1.0, "step": 0.01, "tooltip": (
+                    "The WebUI's Text Domination τ: the prompt's share; the images share 1 − τ. 0 ignores the text.")}),
+            },
+            "optional": {
+                "image_2": (VD_CONTEXT, {"tooltip": slot_tooltip}),
+                "image_3": (VD_CONTEXT, {"tooltip": slot_tooltip}),
+                "image_4": (VD_CONTEXT, {"tooltip": slot_tooltip}),
+                "text": (VD_CONTEXT, {"tooltip": "Optional text context (VD CLIP Text Context)."}),
+                "latent": ("LATENT", {"tooltip": "Optional start latent for image-to-image; it also sets the size and batch."}),
+                "denoise": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 1.0, "step": 0.01, "tooltip": (
+                    "With a latent: how much of the schedule to run (1 = ignore its content).")}),
+            },
+        }
+
+    def sample(self, model, image_1, seed, steps, cfg, sampler, scheduler, eta, width, height, batch_size,
+               text_strength, image_2=None, image_3=None, image_4=None, text=None, latent=None, denoise=1.0):
+        with reported_as(self.DISPLAY_NAME):
+            context = join_image_slots((image_1, image_2, image_3, image_4), text, text_strength)
+        return self.run(model, context, seed, steps, cfg, sampler, scheduler, eta, width, height, batch_size,
+                        latent, denoise)
+
+
+class _TextSampler:
+    """Shared body of the text-output samplers (the diffuser's text flow, 768-d Optimus latents)."""
+
+    CATEGORY = "VersatileDiffusion/sampling"
+    RETURN_TYPES = (VD_TEXT_LATENT,)
+    RETURN_NAMES = ("text_latent",)
+    OUTPUT_TOOLTIPS = ("Optimus text latents: turn them into sentences with VD Optimus Text Decode.",)
+    FUNCTION = "sample"
+    CONTEXT_TOOLTIP = ""
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {
+            "required": {
+                **sampling_inputs(cls.CONTEXT_TOOLTIP),
+                "count": ("INT", {"default": 4, "min": 1, "max": 64, "tooltip": (
+                    "Number of text latents (the WebUI makes 4). Item i uses seed + i.")}),
+            }
+        }
+
+    def sample(self, model, context, seed, steps, cfg, sampler, scheduler, eta, count):
+        name = self.DISPLAY_NAME
+        with reported_as(name):
+            part = require_part(model, name, "diffuser", "diffuser", "vd_model")
+            options = _options(seed, steps, cfg, sampler, scheduler, eta, preview=False)
+            latents = sample_text(part.use(), context, n=count, options=options, noise=item_noise(seed, range(count)))
+            return (latents.to(STORAGE_DEVICE, torch.float32),)
+
+
+class VDImageToText(_TextSampler):
+    DISPLAY_NAME = "VD Image to Text"
+    DESCRIPTION = (
+        "Samples text latents describing an image (VD's text flow on an image context); decode them "
+        "with VD Optimus Text Decode. Guidance contrasts with a black image, as the official flow does."
+    )
+    CONTEXT_TOOLTIP = "The image context from VD CLIP Image Context (focus 0.5 = the official flow)."
+
+
+class VDTextVariation(_TextSampler):
+    DISPLAY_NAME = "VD Text Variation"
+    DESCRIPTION = (
+        "Samples text latents of sentences similar to a prompt (VD's text flow on a text context); "
+        "decode them with VD Optimus Text Decode."
+    )
+    CONTEXT_TOOLTIP = "The text context from VD CLIP Text Context."

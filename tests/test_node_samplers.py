@@ -1,0 +1,136 @@
+"""The VD sampler nodes against the official 10-step DDIM runs on the release-layout miniature.
+
+The official runs draw the initial latent of a batch of 2 after ``torch.manual_seed(s)``; with
+the nodes' per-item seeds, item 0 at seed ``s`` draws the same numbers (the first row of that
+draw) and, at eta 0, the later per-step draws are multiplied by 0 (SPEC §7.2). So a node run of
+batch 1 at seed ``s`` must reproduce the official item 0 (tolerances: vd_reference README, 10-step
+trajectories 1e-3·max|ref| for image flows, 1e-2·max|ref| for text flows).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from conftest import assert_close_ref
+from node_fixtures import comfy_image, expected, first_context, nodes, pack, parts  # noqa: F401 (fixtures)
+
+LATENT_SCALE = 0.18215  # SPEC §6.1: diffusion latents are kl-f8 latents × 0.18215
+DDIM = dict(steps=10, cfg=7.5, sampler="ddim", scheduler="uniform", eta=0.0)  # the fixtures' settings
+
+
+@pytest.fixture(autouse=True)
+def inference_mode():
+    with torch.inference_mode():
+        yield
+
+
+@pytest.fixture(scope="module")
+def contexts(nodes, parts, expected, release_dir):
+    prompts = expected["json"]["clip"]["prompts"]
+    image_node = nodes["VDCLIPImageContext"]
+    with torch.inference_mode():
+        return {
+            "prompt0": nodes["VDCLIPTextContext"].encode(parts[1], prompts[0], "")[0],
+            "prompt1": nodes["VDCLIPTextContext"].encode(parts[1], prompts[1], "")[0],
+            "prompt2": nodes["VDCLIPTextContext"].encode(parts[1], prompts[2], "")[0],
+            "image0": image_node.encode(comfy_image(release_dir / "expected" / "image_0.png"), 0.5, 1.0, clip=parts[1])[0],
+            "image1": image_node.encode(comfy_image(release_dir / "expected" / "image_1.png"), 0.5, 1.0, clip=parts[1])[0],
+        }
+
+
+def _image_latent(nodes, node_id, parts, context, seed, **kw):
+    (latent,) = getattr(nodes[node_id], nodes[node_id].FUNCTION)(
+        parts[0], context, seed, DDIM["steps"], DDIM["cfg"], DDIM["sampler"], DDIM["scheduler"], DDIM["eta"],
+        kw.pop("width", 64), kw.pop("height", 64), kw.pop("batch_size", 1), **kw)
+    return latent
+
+
+def test_text_to_image_matches_official(nodes, parts, contexts, expected):
+    latent = _image_latent(nodes, "VDTextToImage", parts, contexts["prompt0"], 100)
+    samples = latent["samples"]
+    assert set(latent) == {"samples"} and samples.shape == (1, 4, 8, 8)
+    assert samples.dtype == torch.float32 and samples.device.type == "cpu"
+    official = expected["ddim_t2i"]
+    assert_close_ref(samples * LATENT_SCALE, official["x_final"][:1], 1e-3, "text→image latent")
+    assert_close_ref(parts[3].decode(samples), official["images"][:1].permute(0, 2, 3, 1), 1e-3, "decoded image")
+
+
+def test_image_variation_matches_official(nodes, parts, contexts, expected):
+    latent = _image_latent(nodes, "VDImageVariation", parts, contexts["image0"], 101)
+    assert_close_ref(latent["samples"] * LATENT_SCALE, expected["ddim_i2i"]["x_final"][:1], 1e-3, "image variation")
+
+
+def test_dual_context_matches_official(nodes, parts, contexts, expected):
+    # The official case: prompt 2 with ratio 0.4 and image 0 with ratio 0.6.
+    (mixed,) = nodes["VDDualContextMixer"].mix(contexts["prompt2"], 0.4, contexts["image0"], 0.6)
+    latent = _image_latent(nodes, "VDTextToImage", parts, mixed, 104)
+    assert_close_ref(latent["samples"] * LATENT_SCALE, expected["ddim_dual"]["x_final"][:1], 1e-3, "dual context")
+
+
+@pytest.mark.parametrize("node_id, context, seed, case", [
+    ("VDImageToText", "image1", 102, "ddim_i2t"),
+    ("VDTextVariation", "prompt1", 103, "ddim_t2t"),
+])
+def test_text_flows_match_official(nodes, parts, contexts, expected, node_id, context, seed, case):
+    (latents,) = nodes[node_id].sample(parts[0], contexts[context], seed, *DDIM.values(), 1)
+    assert latents.dtype == torch.float32 and latents.device.type == "cpu"
+    assert_close_ref(latents, expected[case]["x_final"][:1], 1e-2, case)
+
+
+def test_batch_items_use_seed_plus_batch_index(nodes, parts, contexts):
+    context = contexts["prompt0"]
+    batch = _image_latent(nodes, "VDTextToImage", parts, context, 5, batch_size=2)["samples"]
+    assert batch.shape == (2, 4, 8, 8) and not torch.allclose(batch[0], batch[1])
+    alone = _image_latent(nodes, "VDTextToImage", parts, context, 6)["samples"]
+    assert_close_ref(alone, batch[1:], 1e-5, "item 1 vs a run with seed + 1")
+    # A latent from Latent From Batch carries batch_index; the dict's other keys pass through.
+    picked = {"samples": torch.zeros(1, 4, 8, 8), "batch_index": [1], "note": "kept"}
+    out = _image_latent(nodes, "VDTextToImage", parts, context, 5, latent=picked, denoise=1.0)
+    assert out["batch_index"] == [1] and out["note"] == "kept"
+    assert_close_ref(out["samples"], batch[1:], 1e-5, "batch_index item")
+
+
+def test_latent_sets_size_and_fidelity_one_returns_it(nodes, parts, contexts, pack):
+    start = {"samples": torch.randn(2, 4, 6, 10, generator=torch.Generator().manual_seed(0))}
+    out = _image_latent(nodes, "VDImageVariation", parts, contexts["image0"], 1, latent=start, fidelity=1.0)
+    assert out["samples"].shape == (2, 4, 6, 10)  # the latent's size and batch, not the widgets'
+    assert_close_ref(out["samples"], start["samples"], 1e-5, "fidelity 1 keeps the input")
+    with pytest.raises(pack.vd_core.errors.VDInputError, match=r"^VD Image Variation: .*latent"):
+        _image_latent(nodes, "VDImageVariation", parts, contexts["image0"], 1, fidelity=0.5)
+
+
+def test_multi_context_joins_image_slots(nodes, parts, contexts, pack):
+    join = pack.nodes.samplers.join_image_slots
+    joined = join((contexts["image0"], None, contexts["image1"]), contexts["prompt0"], 0.4)
+    assert [(c.kind, round(c.ratio, 6)) for c in joined] == [("text", 0.4), ("image", 0.6)]
+    image = joined[1]
+    assert image.cond.shape[1] == 2 * 257 and torch.count_nonzero(image.uncond) == 0
+    assert torch.equal(image.cond[:, 257:], first_context((contexts["image1"],)).cond)
+    assert [c.kind for c in join((contexts["image0"],), contexts["prompt0"], 0.0)] == ["image"]
+    with pytest.raises(pack.vd_core.errors.VDInputError, match="image contexts only"):
+        join((contexts["prompt0"],), None, 0.0)
+    (latent,) = nodes["VDMultiContextSampler"].sample(
+        parts[0], contexts["image0"], 3, *DDIM.values(), 64, 64, 2, 0.4, image_2=contexts["image1"],
+        text=contexts["prompt0"])
+    assert latent["samples"].shape == (2, 4, 8, 8) and torch.isfinite(latent["samples"]).all()
+
+
+def test_sampler_failures_name_the_node(nodes, parts, contexts, pack, monkeypatch):
+    errors = pack.vd_core.errors
+    with pytest.raises(errors.MissingPartError, match=r"^VD Text to Image: .*'diffuser'"):
+        _image_latent(nodes, "VDTextToImage", [None], contexts["prompt0"], 1)
+
+    def out_of_memory(*args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+
+    monkeypatch.setattr(pack.nodes.samplers, "sample_image", out_of_memory)
+    with pytest.raises(torch.OutOfMemoryError, match=r"^VD Text to Image: .*batch size or the resolution"):
+        _image_latent(nodes, "VDTextToImage", parts, contexts["prompt0"], 1)
+
+
+def test_cancel_stops_sampling(nodes, parts, contexts, pack, monkeypatch):
+    # Outside ComfyUI the bridge re-raises a cancel as vd_core's Cancelled (inside: "interrupted").
+    monkeypatch.setattr(pack.nodes.comfy_bridge, "cancel_check", lambda: (lambda: True))
+    with pytest.raises(pack.vd_core.errors.Cancelled):
+        _image_latent(nodes, "VDTextToImage", parts, contexts["prompt0"], 1)

@@ -1,0 +1,232 @@
+"""The pack's entry point, node definitions, loader, context, text and image nodes.
+
+Runs without ComfyUI (the bridge's fallbacks) on the release-layout miniature
+(``tiny_release/``); numbers are compared with the official outputs in ``tiny_release/expected``
+and ``tiny/`` (tolerances: vd_reference README, "Determinism and tolerances").
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import assert_close_ref, load_tensors
+from node_fixtures import comfy_image, expected, first_context, nodes, pack, parts  # noqa: F401 (fixtures)
+
+EXPECTED_NODES = {
+    "VDLoader", "VDCLIPTextContext", "VDCLIPImageContext", "VDDualContextMixer", "VDTextToImage", "VDImageVariation",
+    "VDMultiContextSampler", "VDImageToText", "VDTextVariation", "VDOptimusTextDecode", "VDOptimusTextEncode",
+    "VDTextLatentEdit", "VDColorMatch",
+}
+LATENT_SCALE = 0.18215  # SPEC §6.1
+
+
+@pytest.fixture(autouse=True)
+def inference_mode():
+    with torch.inference_mode():
+        yield
+
+
+# ----------------------------------------------------------------------------- entry point, definitions
+
+
+def test_pack_imports_without_comfyui():
+    """In a fresh interpreter (other tests may stub ComfyUI modules): the root package imports,
+    registers every node, and leaves ComfyUI's own top-level ``nodes`` module name alone."""
+    script = (
+        "import json, sys; sys.path.insert(0, sys.argv[1]); from pack_import import import_pack; "
+        "p = import_pack(); print(json.dumps({'ids': sorted(p.NODE_CLASS_MAPPINGS), "
+        "'names': sorted(p.NODE_DISPLAY_NAME_MAPPINGS), 'comfy': p.nodes.comfy_bridge.comfy_available(), "
+        "'foreign': sorted(m for m in ('nodes', 'folder_paths', 'comfy') if m in sys.modules)}))"
+    )
+    done = subprocess.run([sys.executable, "-c", script, str(Path(__file__).parent)], capture_output=True,
+                          text=True, timeout=120, check=True)
+    found = json.loads(done.stdout.strip().splitlines()[-1])
+    assert EXPECTED_NODES <= set(found["ids"]) and found["names"] == found["ids"]
+    assert found["comfy"] is False and found["foreign"] == []
+
+
+def _all_inputs(cls):
+    types = cls.INPUT_TYPES()
+    return {name: spec for section in ("required", "optional") for name, spec in types.get(section, {}).items()}
+
+
+def test_every_node_is_fully_described(pack):
+    for node_id, cls in pack.NODE_CLASS_MAPPINGS.items():
+        assert node_id.startswith("VD"), node_id
+        assert pack.NODE_DISPLAY_NAME_MAPPINGS[node_id].startswith("VD "), node_id
+        assert cls.CATEGORY.startswith("VersatileDiffusion/"), node_id
+        assert len(cls.DESCRIPTION) > 40, node_id
+        assert callable(getattr(cls, cls.FUNCTION)), node_id
+        assert isinstance(cls.RETURN_TYPES, tuple), node_id
+        assert len(cls.RETURN_NAMES) == len(cls.RETURN_TYPES) == len(cls.OUTPUT_TOOLTIPS), node_id
+        for name, spec in _all_inputs(cls).items():
+            assert spec[1].get("tooltip"), f"{node_id}.{name} has no tooltip"
+
+
+# ----------------------------------------------------------------------------- loader
+
+
+def test_loader_outputs_and_image_vae(parts, expected):
+    vd_model, vd_clip, vd_optimus, vae = parts
+    assert type(vd_model.module).__name__ == "FourFlowDiffuser"
+    assert type(vd_clip.module).__name__ == "CLIPContextEncoder"
+    assert type(vd_optimus.module).__name__ == "OptimusVAE"
+    # The VAE output is what core VAE Decode calls: unscaled latent → (B, H, W, 3).
+    images = vae.decode(expected["inputs"]["vae_latent"] / LATENT_SCALE)
+    assert_close_ref(images, expected["vae"]["decode"].permute(0, 2, 3, 1), 1e-4, "VAE decode")
+
+
+def test_loader_parts_are_optional(nodes):
+    assert nodes["VDLoader"].load("none", "none", "none", "none", "auto") == (None, None, None, None)
+
+
+def test_loader_reports_missing_and_wrong_files(nodes, pack, release_dir, tmp_path):
+    errors = pack.vd_core.errors
+    with pytest.raises(errors.CheckpointError, match=r"^VD Loader: .*no-such-file\.pth"):
+        nodes["VDLoader"].load(str(tmp_path / "no-such-file.pth"), "none", "none", "none", "auto")
+    with pytest.raises(errors.CheckpointError, match=r"^VD Loader: "):  # the VAE file is not a diffuser
+        nodes["VDLoader"].load(str(release_dir / "kl-f8.pth"), "none", "none", "none", "auto")
+
+
+def test_loader_is_changed_follows_inputs(pack, release_dir):
+    loader = pack.NODE_CLASS_MAPPINGS["VDLoader"]
+    args = dict(diffuser=str(release_dir / "vd-four-flow-v1-0-fp16.pth"), optimus="none", clip="none",
+                image_vae=str(release_dir / "kl-f8.pth"), dtype="fp32")
+    assert loader.IS_CHANGED(**args) == loader.IS_CHANGED(**args)
+    assert loader.IS_CHANGED(**args) != loader.IS_CHANGED(**{**args, "dtype": "fp16"})
+    assert loader.IS_CHANGED(**args) != loader.IS_CHANGED(**{**args, "image_vae": "none"})
+
+
+# ----------------------------------------------------------------------------- contexts
+
+
+def test_text_context_matches_official(nodes, parts, expected):
+    prompts = expected["json"]["clip"]["prompts"]
+    context = first_context(nodes["VDCLIPTextContext"].encode(parts[1], prompts[0], ""))
+    assert context.kind == "text"
+    assert_close_ref(context.cond, expected["clip"]["text_ctx"][:1], 1e-4, "text cond")
+    assert_close_ref(context.uncond, expected["clip"]["text_ctx_empty"], 1e-4, "empty-prompt uncond")
+
+
+def test_image_context_matches_official(nodes, parts, expected, release_dir):
+    node = nodes["VDCLIPImageContext"]
+    for i in range(2):  # image_1 is 80×112: the official resize + centre crop
+        context = first_context(node.encode(comfy_image(release_dir / "expected" / f"image_{i}.png"), 0.5, 1.0, clip=parts[1]))
+        assert context.kind == "image"
+        assert_close_ref(context.cond, expected["clip"]["image_ctx"][i : i + 1], 1e-4, f"image {i} cond")
+        assert torch.count_nonzero(context.uncond) == 0  # SPEC §8: zeros for image variation
+        assert_close_ref(context.text_flow_uncond, expected["clip"]["image_ctx_black"], 1e-4, "black-image uncond")
+
+
+def test_comfy_mask_is_inverted(nodes, parts, expected, release_dir, pack):
+    """ComfyUI MASK 1 = masked = left out; VD keeps 1 − mask (SPEC §5.3)."""
+    node = nodes["VDCLIPImageContext"]
+    image = comfy_image(release_dir / "expected" / "image_0.png")
+
+    def cond(mask):
+        return first_context(node.encode(image, 0.5, 1.0, clip=parts[1], mask=mask)).cond[0]
+
+    nothing_masked = cond(torch.zeros(1, 64, 64))
+    assert_close_ref(nothing_masked[None], expected["clip"]["image_ctx"][:1], 1e-4, "mask of zeros")
+    assert torch.count_nonzero(cond(torch.ones(64, 64))) == 0  # everything masked
+    for size in (64, 32):  # a mask of another size is resized to the image
+        left = torch.zeros(1, size, size)
+        left[:, :, : size // 2] = 1.0
+        patches = cond(left)[1:].reshape(16, 16, -1)  # 16×16 patch tokens after the global one
+        assert torch.count_nonzero(patches[:, :7]) == 0, "masked (left) patches must be removed"
+        assert bool((patches[:, 9:].abs().sum(-1) > 0).all()), "unmasked (right) patches must stay"
+    with pytest.raises(pack.vd_core.errors.VDInputError, match=r"^VD CLIP Image Context: .*mask batch"):
+        cond(torch.zeros(3, 64, 64))
+
+
+def test_image_context_from_core_clip_vision(nodes, release_dir):
+    """A core CLIP_VISION (its weights in transformers naming) can stand in for the VD CLIP."""
+    from safetensors.torch import load_file
+
+    weights = load_file(str(release_dir / "clip-vit-large-patch14" / "model.safetensors"))
+    vision = {k: v for k, v in weights.items() if k.startswith(("vision_model.", "visual_projection."))}
+
+    class ClipVision:  # the part of comfy.clip_vision.ClipVisionModel the node uses
+        def get_sd(self):
+            return vision
+
+    image = comfy_image(release_dir / "expected" / "image_0.png")
+    context = first_context(nodes["VDCLIPImageContext"].encode(image, 0.5, 1.0, clip_vision=ClipVision()))
+    assert context.kind == "image" and context.cond.shape == (1, 257, vision["visual_projection.weight"].shape[0])
+
+
+def test_image_context_needs_an_encoder(nodes, pack, release_dir):
+    image = comfy_image(release_dir / "expected" / "image_0.png")
+    with pytest.raises(pack.vd_core.errors.MissingPartError, match=r"^VD CLIP Image Context: .*'clip'"):
+        nodes["VDCLIPImageContext"].encode(image, 0.5, 1.0)
+
+
+def test_dual_context_mixer_sets_ratios(nodes, parts, release_dir):
+    text = nodes["VDCLIPTextContext"].encode(parts[1], "a house", "")[0]
+    image = nodes["VDCLIPImageContext"].encode(comfy_image(release_dir / "expected" / "image_0.png"), 0.5, 1.0, clip=parts[1])[0]
+    (mixed,) = nodes["VDDualContextMixer"].mix(image, 0.7, text, 0.3)
+    assert [(c.kind, round(c.ratio, 6)) for c in mixed] == [("image", 0.7), ("text", 0.3)]
+    (only_image,) = nodes["VDDualContextMixer"].mix(image, 1.0, text, 0.0, context_3=None)
+    assert [c.kind for c in only_image] == ["image"]
+
+
+# ----------------------------------------------------------------------------- text nodes
+
+
+def test_optimus_decode_greedy_matches_official(nodes, parts, expected):
+    node = nodes["VDOptimusTextDecode"]
+    assert node.OUTPUT_NODE
+    out = node.decode(parts[2], expected["inputs"]["optimus_latents"], "greedy", 1.0, 0, 30, False)
+    official = expected["json"]["optimus"]["greedy"]["strings"]
+    assert out["result"] == ("\n".join(official),)
+    assert out["ui"] == {"text": ["\n".join(official)]}
+
+
+def test_optimus_decode_sampling_is_seeded_per_sentence(nodes, parts, expected):
+    node, latents = nodes["VDOptimusTextDecode"], expected["inputs"]["optimus_latents"]
+    both = node.decode(parts[2], latents, "sample", 1.0, 7, 30, True)["result"][0].split("\n")
+    second = node.decode(parts[2], latents[1:], "sample", 1.0, 8, 30, True)["result"][0]
+    assert len(both) == 2 and all(isinstance(s, str) for s in both)
+    assert both[1] == second  # sentence i uses seed + i
+
+
+def test_optimus_encode_matches_official(nodes, parts, expected):
+    texts = expected["json"]["optimus"]["encode_texts"]
+    (latents,) = nodes["VDOptimusTextEncode"].encode(parts[2], "\n".join(texts) + "\n\n")
+    assert latents.dtype == torch.float32 and latents.device.type == "cpu"
+    assert_close_ref(latents, expected["optimus"]["encode_latent"], 1e-4, "Optimus encode")
+
+
+def test_text_latent_edit_follows_spec(nodes, parts, expected, pack):
+    """SPEC §10 step 3: remove each latent's projection on n/‖n‖, then add p."""
+    z = expected["inputs"]["optimus_latents"]
+    (p,) = nodes["VDOptimusTextEncode"].encode(parts[2], "a tall castle")
+    (n,) = nodes["VDOptimusTextEncode"].encode(parts[2], "a white house")
+    (edited,) = nodes["VDTextLatentEdit"].edit(parts[2], z, "a tall castle", "a white house")
+    unit = n[0] / n[0].norm()
+    assert_close_ref(edited, z - (z @ unit)[:, None] * unit + p, 1e-5, "edited latents")
+    (only_added,) = nodes["VDTextLatentEdit"].edit(parts[2], z, "a tall castle", "")
+    assert_close_ref(only_added, z + p, 1e-5, "no negative")
+    with pytest.raises(pack.vd_core.errors.VDInputError, match=r"^VD Text Latent Edit: "):
+        nodes["VDTextLatentEdit"].edit(parts[2], z, " ", "a white house")
+
+
+def test_text_nodes_name_the_missing_loader_input(nodes, pack, expected):
+    with pytest.raises(pack.vd_core.errors.MissingPartError, match=r"^VD Optimus Text Decode: .*'optimus'"):
+        nodes["VDOptimusTextDecode"].decode(None, expected["inputs"]["optimus_latents"], "greedy", 1.0, 0, 30, True)
+
+
+# ----------------------------------------------------------------------------- image tools
+
+
+def test_color_match_matches_official(nodes, tiny_dir):
+    inputs, official = load_tensors(tiny_dir / "inputs.safetensors"), load_tensors(tiny_dir / "color_adjust.safetensors")
+    (out,) = nodes["VDColorMatch"].match(inputs["ca_imout"].permute(0, 2, 3, 1), inputs["ca_cx"].permute(0, 2, 3, 1))
+    assert out.shape == (2, 64, 64, 3)
+    assert_close_ref(out, official["simple"].permute(0, 2, 3, 1), 1e-5, "Simple colour adjustment")
