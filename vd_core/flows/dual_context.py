@@ -3,26 +3,18 @@
 Text strength τ gives the text context ratio τ and the image context 1 − τ (SPEC §4.3 attention
 mixing, SPEC §7.3 guidance per context). An empty prompt or τ = 0 is plain image variation
 guidance; τ = 1 leaves only the text (the official still evaluates the image at ratio 0).
+It is multi-context generation with a single, unmasked image slot of weight 1.
 """
 
 from __future__ import annotations
 
 import torch
 
-from ..errors import VDInputError
-from .context_builders import check_images, image_context, mix_contexts, text_context
-from .image_prep import resize_images, resolve_output_size
+from .multi_context import ImageSlot, multi_context
 from .options import SamplingOptions
-from .result import ImageFlowResult, decode_images
-from .sampling import check_count, check_image_size, sample_image
+from .result import ImageFlowResult
 
 
-def check_text_strength(text_strength: float) -> None:
-    if not 0.0 <= text_strength <= 1.0:
-        raise VDInputError(f"text strength must be between 0 (image only) and 1 (text only), got {text_strength}")
-
-
-@torch.no_grad()
 def dual_context(
     models,
     prompt: str,
@@ -51,22 +43,7 @@ def dual_context(
     Returns:
         ``ImageFlowResult`` with ``(n, 3, height, width)`` images and their latents.
     """
-    options = options or SamplingOptions()
-    purpose = "dual-context generation"
-    check_images(image)
-    check_count(n)
-    check_text_strength(text_strength)
-    width, height = resolve_output_size(image, width, height)
-    check_image_size(width, height)
-    diffuser = models.require("diffuser", purpose)
-    clip = models.require("clip", purpose)
-    image_vae = models.require("image_vae", purpose)
-    image_group = (image_context(clip, resize_images(image, width, height), focus=focus),)
-    if prompt and text_strength > 0:  # the official order: text entry first (SPEC §8)
-        contexts = mix_contexts([(text_context(clip, prompt, negative),), image_group], [text_strength, 1 - text_strength])
-    else:
-        contexts = image_group
-    latents = sample_image(
-        diffuser, contexts, width=width, height=height, n=n, options=options, init_latent=init_latent, denoise=denoise
+    return multi_context(
+        models, prompt, [ImageSlot(image, focus=focus)], text_strength, negative=negative, n=n, width=width,
+        height=height, options=options, init_latent=init_latent, denoise=denoise,
     )
-    return decode_images(image_vae, latents)

@@ -17,11 +17,15 @@ import torch
 from ..contexts import GuidedContext
 from ..errors import VDInputError
 from .context_builders import check_images, check_mask, image_context, mix_contexts, text_context
-from .dual_context import check_text_strength
 from .image_prep import resize_images, resize_masks, resolve_output_size
 from .options import SamplingOptions
 from .result import ImageFlowResult, decode_images
 from .sampling import check_count, check_image_size, sample_image
+
+
+def check_text_strength(text_strength: float) -> None:
+    if not 0.0 <= text_strength <= 1.0:
+        raise VDInputError(f"text strength must be between 0 (image only) and 1 (text only), got {text_strength}")
 
 
 class ImageSlot(NamedTuple):
