@@ -111,7 +111,7 @@ class VDDualContextMixer:
     CATEGORY = CATEGORY
     DESCRIPTION = (
         "Mixes two to four contexts into one: the diffuser attends to each and blends the results by "
-        "strength (SPEC §4.3). For the WebUI's Dual-Context with text domination τ, give the text "
+        "strength. For the WebUI's Dual-Context with text domination τ, give the text "
         "context strength τ and the image context 1 − τ."
     )
     RETURN_TYPES = (VD_CONTEXT,)

@@ -12,7 +12,7 @@ class VDColorMatch:
     DISPLAY_NAME = "VD Color Match"
     CATEGORY = "VersatileDiffusion/image"
     DESCRIPTION = (
-        "The WebUI's 'Simple' colour adjustment for Image Variation (SPEC §8.2): gives every image the "
+        "The WebUI's 'Simple' colour adjustment for Image Variation: gives every image the "
         "per-channel mean and spread of the reference image (usually the input image)."
     )
     RETURN_TYPES = ("IMAGE",)

@@ -37,7 +37,7 @@ def sampling_inputs(context_tooltip: str) -> dict:
         "seed": ("INT", {"default": 20, "min": 0, "max": MAX_SEED, "control_after_generate": True, "tooltip": (
             "Random seed. Batch item i uses seed + i (seed + batch_index[i] for a latent that carries one).")}),
         "steps": ("INT", {"default": 50, "min": 1, "max": 1000, "tooltip": (
-            "Sampler steps (official: 50). DDIM with a count that does not divide 1000 runs a few more (SPEC §7.1).")}),
+            "Sampler steps (official: 50). DDIM with a count that does not divide 1000 runs a few more, as the official sampler does.")}),
         "cfg": ("FLOAT", {"default": 7.5, "min": 0.0, "max": 30.0, "step": 0.1, "round": 0.01, "tooltip": (
             "Classifier-free guidance scale (official: 7.5); 1 runs the model once without guidance.")}),
         "sampler": (list(SAMPLER_NAMES), {"default": "ddim", "tooltip": (
@@ -172,7 +172,7 @@ class VDImageVariation(_ImageSampler):
                     "The input image through VAE Encode; needed when fidelity > 0. It also sets the size and batch.")}),
                 "fidelity": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 1.0, "step": 0.02, "tooltip": (
                     "The WebUI's Fidelity: 0 = free variation, 1 = the input itself; in between the "
-                    "input latent is noised and int(steps·(1 − fidelity)) steps are run (SPEC §7.4).")}),
+                    "input latent is noised and int(steps·(1 − fidelity)) steps are run.")}),
             },
         }
 

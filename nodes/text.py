@@ -51,7 +51,7 @@ class VDOptimusTextDecode:
                 "max_tokens": ("INT", {"default": 30, "min": 1, "max": 200, "tooltip": (
                     "Most GPT-2 tokens (word pieces) per sentence (official: 30).")}),
                 "clean_up": ("BOOLEAN", {"default": True, "tooltip": (
-                    "Remove immediately repeated words and phrases, as the official WebUI does (SPEC §8.3).")}),
+                    "Remove immediately repeated words and phrases, as the official WebUI does.")}),
             }
         }
 
@@ -75,7 +75,7 @@ class VDOptimusTextDecode:
 class VDOptimusTextEncode:
     DISPLAY_NAME = "VD Optimus Text Encode"
     CATEGORY = CATEGORY
-    DESCRIPTION = "Encodes sentences (one per line) into Optimus text latents (the posterior mean, SPEC §6.2)."
+    DESCRIPTION = "Encodes sentences (one per line) into Optimus text latents (the posterior mean)."
     RETURN_TYPES = (VD_TEXT_LATENT,)
     RETURN_NAMES = ("text_latent",)
     OUTPUT_TOOLTIPS = ("One text latent per non-empty line.",)
@@ -104,7 +104,7 @@ class VDTextLatentEdit:
     DISPLAY_NAME = "VD Text Latent Edit"
     CATEGORY = CATEGORY
     DESCRIPTION = (
-        "Edits text latents as the official I2T2I did (SPEC §10): removes each latent's component along "
+        "Edits text latents as the official I2T2I did: removes each latent's component along "
         "the negative sentence's latent and adds the positive sentence's latent. Decode the result and "
         "use it as a prompt to make the edited image."
     )

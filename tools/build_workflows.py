@@ -23,7 +23,10 @@ INPUT_IMAGE = "example.png"  # ComfyUI ships input/example.png
 FILES_NOTE = (
     "**Model files** (Versatile Diffusion release): `vd-four-flow-v1-0-fp16.pth` and `optimus-vae.pth` in "
     "`models/versatile_diffusion/`, `kl-f8.pth` in `models/vae/` (or `models/versatile_diffusion/`), the "
-    "`clip-vit-large-patch14` folder (Hugging Face openai/clip-vit-large-patch14) in `models/clip_vision/`."
+    "`clip-vit-large-patch14` folder (Hugging Face openai/clip-vit-large-patch14) in `models/clip_vision/`; "
+    "for text outputs the Optimus tokenizers in `models/versatile_diffusion/optimus_tokenizers/` "
+    "(`bert-base-cased/vocab.txt`, `gpt2/vocab.json`, `gpt2/merges.txt`). "
+    "`python -m vd_core download --models models/versatile_diffusion` fetches them all."
 )
 
 
