@@ -349,27 +349,6 @@ def _comfy_vae_config(config) -> dict:
     return {"params": {"embed_dim": config.embed_dim, "ddconfig": ddconfig}}
 
 
-class PlainVAE:
-    """Outside ComfyUI: core VAE's API (``decode``/``encode`` on channels-last images) on vd_core's VAE."""
-
-    def __init__(self, vae: torch.nn.Module):
-        self.vae = vae
-
-    def decode(self, latent: torch.Tensor) -> torch.Tensor:
-        """Unscaled latents (B, 4, h, w) → images (B, 8h, 8w, 3) float32 in [0, 1]."""
-        with torch.no_grad():
-            return self.vae.decode(latent).float().movedim(1, -1)
-
-    def encode(self, image: torch.Tensor) -> torch.Tensor:
-        """Images (B, H, W, 3+) in [0, 1] → unscaled latents (B, 4, H/8, W/8) (posterior mean);
-        like ComfyUI, extra channels are dropped and sizes are centre-cropped to multiples of 8."""
-        h, w = image.shape[1] // 8 * 8, image.shape[2] // 8 * 8
-        top, left = (image.shape[1] - h) // 2, (image.shape[2] - w) // 2
-        pixels = image[:, top : top + h, left : left + w, :3].movedim(-1, 1)
-        with torch.no_grad():
-            return self.vae.encode(pixels).float()
-
-
 def core_vae(image_vae_state_dict: dict[str, torch.Tensor]) -> object:
     """A VAE for core VAE Decode/Encode (tiled too) from a kl-f8 state dict in LDM key format
     (``encoder.*``, ``decoder.*``, ``quant_conv.*``, ``post_quant_conv.*``, no prefix: ``kl-f8.pth``
@@ -379,6 +358,7 @@ def core_vae(image_vae_state_dict: dict[str, torch.Tensor]) -> object:
         CheckpointError: not a kl-f8 VAE state dict (names a few missing/unexpected keys).
     """
     from ..vd_core.image_vae import ImageVAE, ImageVAEConfig
+    from .comfy_images import PlainVAE
 
     sd = dict(image_vae_state_dict)
     config = ImageVAEConfig.from_state_dict(sd, "the image VAE weights")

@@ -52,3 +52,23 @@ def keep_mask_from_comfy(mask: torch.Tensor, batch: int, height: int, width: int
     if keep.shape[-2:] != (height, width):
         keep = F.interpolate(keep, size=(height, width), mode="bilinear", align_corners=False)
     return keep.expand(batch, -1, -1, -1).contiguous()
+
+
+class PlainVAE:
+    """Outside ComfyUI: core VAE's API (``decode``/``encode`` on channels-last images) on vd_core's VAE."""
+
+    def __init__(self, vae: torch.nn.Module):
+        self.vae = vae
+
+    @torch.no_grad()
+    def decode(self, latent: torch.Tensor) -> torch.Tensor:
+        """Unscaled latents (B, 4, h, w) → IMAGE (B, 8h, 8w, 3) float32 in [0, 1]."""
+        return to_comfy_images(self.vae.decode(latent))
+
+    @torch.no_grad()
+    def encode(self, image: torch.Tensor) -> torch.Tensor:
+        """IMAGE (B, H, W, 3+) in [0, 1] → unscaled latents (B, 4, H/8, W/8) (posterior mean);
+        like ComfyUI, extra channels are dropped and sizes are centre-cropped to multiples of 8."""
+        h, w = image.shape[1] // 8 * 8, image.shape[2] // 8 * 8
+        top, left = (image.shape[1] - h) // 2, (image.shape[2] - w) // 2
+        return self.vae.encode(to_vd_images(image[:, top : top + h, left : left + w])).float()
