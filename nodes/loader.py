@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 import os
 
-from ..vd_core.clip_context import load_clip
+from ..vd_core.clip_loading import load_clip
 from ..vd_core.clip_tokenizer import load_clip_tokenizer
 from ..vd_core.diffuser import load_diffuser
 from ..vd_core.errors import CheckpointError

@@ -20,6 +20,10 @@ if str(ROOT) not in sys.path:
 torch.set_num_threads(int(os.environ.get("VD_TEST_THREADS", "1")))
 
 
+# Fixtures of the node tests (the tiny release model loaded through the nodes).
+pytest_plugins = ["node_fixtures"]
+
+
 def reference_dir() -> Path:
     return Path(os.environ.get("VD_REFERENCE_DIR", ROOT.parent / "shared" / "vd_reference")).resolve()
 
@@ -69,8 +73,6 @@ def tiny_inputs(tiny_dir) -> dict:
 
 def assert_close_ref(actual, expected, rel: float = 1e-4, what: str = ""):
     """The README's parity rule: ``max|Δ| ≤ rel · max(1, max|ref|)``."""
-    import torch
-
     actual = actual.detach().float().cpu()
     expected = expected.detach().float().cpu()
     assert actual.shape == expected.shape, f"{what}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"

@@ -15,7 +15,8 @@ from PIL import Image
 from safetensors.torch import save_file
 
 from conftest import assert_close_ref, load_tensors
-from vd_core.clip_context import CLIPContextEncoder, load_clip
+from vd_core.clip_context import CLIPContextEncoder
+from vd_core.clip_loading import load_clip
 from vd_core.clip_preprocess import CLIPImagePreprocessing, mask_token_weights, resize_and_crop, to_uint8
 from vd_core.clip_tokenizer import load_clip_tokenizer
 from vd_core.errors import CheckpointError, MissingPartError, TokenizerNotFoundError, VDInputError

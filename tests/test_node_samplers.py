@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from conftest import assert_close_ref
-from node_fixtures import comfy_image, expected, first_context, nodes, pack, parts  # noqa: F401 (fixtures)
+from node_fixtures import comfy_image, first_context
 
 LATENT_SCALE = 0.18215  # SPEC §6.1: diffusion latents are kl-f8 latents × 0.18215
 DDIM = dict(steps=10, cfg=7.5, sampler="ddim", scheduler="uniform", eta=0.0)  # the fixtures' settings

@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from conftest import assert_close_ref, load_tensors
-from node_fixtures import comfy_image, expected, first_context, nodes, pack, parts  # noqa: F401 (fixtures)
+from node_fixtures import comfy_image, first_context
 
 EXPECTED_NODES = {
     "VDLoader", "VDCLIPTextContext", "VDCLIPImageContext", "VDDualContextMixer", "VDTextToImage", "VDImageVariation",
