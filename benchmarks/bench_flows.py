@@ -1,6 +1,7 @@
 """Speed and memory of whole VD flows on full-size random weights: one JSON line per measurement.
 
     python benchmarks/bench_flows.py [--device cpu|cuda] [--dtype fp32|fp16|bf16] [--quick]
+        [--channels-last] [--compile [--cache-dir D]] [--cuda-graphs] [--flows NAME ...]
 
 Measures, through the public flow functions of ``vd_core.flows``:
 
@@ -8,15 +9,17 @@ Measures, through the public flow functions of ``vd_core.flows``:
 * ``image_to_text``: 4 captions from a 512×512 image, 50 DDIM steps + Optimus sampling;
 * ``dual_context``: a prompt and an image (text strength 0.5), 512×512, 50 steps, 2 images.
 
-The models are the released sizes with random weights (nothing is read or downloaded): the
-four-flow diffuser and CLIP ViT-L/14 in ``--dtype``, the image VAE and Optimus in float32 (as
-``vd_core.models.load_models`` loads them). The tokenizers are stand-ins of the right vocabulary
+The models are the released sizes with random weights (nothing is read or downloaded), and each
+flow gets only the parts ``vd_core.models.load_models`` would load for it (``FLOW_NEEDS``: e.g.
+text→image holds the image data layers, the text context layers and CLIP's text tower): the
+diffuser and CLIP ViT-L/14 in ``--dtype``, the image VAE and Optimus in float32. The diffuser's
+fast paths (``vd_core.acceleration``) are chosen as in ``bench_diffuser.py``. The tokenizers are stand-ins of the right vocabulary
 sizes, so captions are gibberish; their cost is that of real ones. ``--quick`` runs 256×256,
 4 steps, 1 image and 2 captions (a smoke test of the script; a CPU run still needs the full-size
 weights: about 13 GB of RAM in float32, 7 GB in bf16).
 
 Each line: ``{"bench", "device", "dtype", "width", "height", "n", "steps", "seconds",
-"seconds_per_step", "peak_mem_mb"}``. ``seconds`` is one timed run after a 2-step warm-up of the
+"seconds_per_step", "peak_mem_mb", "fast_paths"}``. ``seconds`` is one timed run after a 2-step warm-up of the
 same flow; ``peak_mem_mb`` is ``torch.cuda.max_memory_allocated`` (weights included) on CUDA and
 the process's peak RSS on the CPU.
 """
@@ -24,6 +27,7 @@ the process's peak RSS on the CPU.
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import resource
 import sys
@@ -36,17 +40,19 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from vd_core.acceleration import accelerate_diffuser  # noqa: E402
 from vd_core.clip_context import CLIPContextEncoder  # noqa: E402
 from vd_core.diffuser import DiffuserConfig, DiffuserParts, FourFlowDiffuser  # noqa: E402
 from vd_core.flows import SamplingOptions, dual_context, image_to_text, text_to_image  # noqa: E402
 from vd_core.image_vae import ImageVAE, ImageVAEConfig  # noqa: E402
-from vd_core.models import VDModels  # noqa: E402
+from vd_core.models import FLOW_NEEDS, VDModels  # noqa: E402
 from vd_core.optimus import OptimusVAE  # noqa: E402
 from vd_core.optimus.bert_encoder import BertEncoderConfig  # noqa: E402
 from vd_core.optimus.gpt2_decoder import GPT2DecoderConfig  # noqa: E402
 from vd_core.optimus.tokenizers import find_optimus_tokenizers  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+FLOWS = ("text_to_image", "image_to_text", "dual_context")
 CLIP_BOS, CLIP_EOS = 49406, 49407
 BERT_VOCAB, GPT2_BPE_VOCAB = 28996, 50257  # bert-base-cased, GPT-2 (Optimus adds 3 tokens)
 
@@ -88,26 +94,42 @@ def randomize_(module: torch.nn.Module) -> torch.nn.Module:
     return module.requires_grad_(False).eval()
 
 
-def random_models(device: torch.device, dtype: torch.dtype, tokenizer_dir: Path) -> VDModels:
-    """Full-size VD parts with random weights, made directly on ``device``."""
+def random_models(flow: str, device: torch.device, dtype: torch.dtype, tokenizer_dir: Path) -> VDModels:
+    """The full-size VD parts ``flow`` needs, with random weights, made directly on ``device``."""
     from transformers import CLIPTextConfig, CLIPVisionConfig
 
+    needs = FLOW_NEEDS[flow]
+    parts = DiffuserParts(
+        image_data="image" in needs.data_kinds,
+        text_data="text" in needs.data_kinds,
+        image_context="image" in needs.context_kinds,
+        text_context="text" in needs.context_kinds,
+    )
     with torch.device("meta"):
-        diffuser = FourFlowDiffuser(DiffuserConfig.full_size(), DiffuserParts.all())
+        diffuser = FourFlowDiffuser(DiffuserConfig.full_size(), parts)
     diffuser = diffuser.to(dtype).to_empty(device=device)  # the diffuser has no buffers to keep
     text = CLIPTextConfig(vocab_size=49408, hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
                           num_attention_heads=12, max_position_embeddings=77, projection_dim=768)
     vision = CLIPVisionConfig(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
                               image_size=224, patch_size=14, projection_dim=768)
+    # As load_models: the text tower for text contexts, the vision tower for image contexts.
+    towers = {"text": text if "text" in needs.context_kinds else None,
+              "vision": vision if "image" in needs.context_kinds else None}
+    models = VDModels(diffuser=randomize_(diffuser))
     with torch.device(device):
-        clip = CLIPContextEncoder(text, vision, 768, tokenizer=StandInCLIPTokenizer()).to(dtype)
-        image_vae = ImageVAE(ImageVAEConfig(ch=128, ch_mult=(1, 2, 4, 4), num_res_blocks=2, z_channels=4, embed_dim=4))
-        optimus = OptimusVAE(
-            BertEncoderConfig(BERT_VOCAB, 768, 12, 12, 3072, 512, 2, 768),
-            GPT2DecoderConfig(GPT2_BPE_VOCAB + 3, 768, 12, 12, 1024, 3072, 768),
-            stand_in_optimus_tokenizers(tokenizer_dir),
-        )
-    return VDModels(*(randomize_(part) for part in (diffuser, clip, image_vae, optimus)))
+        models.clip = randomize_(CLIPContextEncoder(towers["text"], towers["vision"], 768,
+                                                    tokenizer=StandInCLIPTokenizer()).to(dtype))
+        if needs.image_vae:
+            models.image_vae = randomize_(
+                ImageVAE(ImageVAEConfig(ch=128, ch_mult=(1, 2, 4, 4), num_res_blocks=2, z_channels=4, embed_dim=4))
+            )
+        if needs.optimus:
+            models.optimus = randomize_(OptimusVAE(
+                BertEncoderConfig(BERT_VOCAB, 768, 12, 12, 3072, 512, 2, 768),
+                GPT2DecoderConfig(GPT2_BPE_VOCAB + 3, 768, 12, 12, 1024, 3072, 768),
+                stand_in_optimus_tokenizers(tokenizer_dir),
+            ))
+    return models
 
 
 def timed(run, device: torch.device) -> tuple[float, float]:
@@ -128,26 +150,40 @@ def main(argv=None) -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", choices=DTYPES, help="default: fp16 on CUDA, fp32 on the CPU")
     parser.add_argument("--quick", action="store_true", help="256×256, 4 steps, 1 image, 2 captions")
+    parser.add_argument("--channels-last", action="store_true", help="NHWC diffuser convolutions")
+    parser.add_argument("--compile", action="store_true", help="torch.compile the diffuser")
+    parser.add_argument("--cache-dir", help="persistent Inductor cache directory for --compile")
+    parser.add_argument("--cuda-graphs", action="store_true", help="record each diffuser forward once, replay it")
+    parser.add_argument("--flows", nargs="+", choices=FLOWS, default=list(FLOWS), help="flows to time")
     args = parser.parse_args(argv)
     device = torch.device(args.device)
     dtype = DTYPES[args.dtype or ("fp16" if device.type == "cuda" else "fp32")]
     size, steps, images, captions = (256, 4, 1, 2) if args.quick else (512, 50, 2, 4)
+    fast_paths = {"channels_last": args.channels_last, "compile": args.compile, "cuda_graphs": args.cuda_graphs}
 
-    with tempfile.TemporaryDirectory() as tokenizer_dir:
-        models = random_models(device, dtype, Path(tokenizer_dir))
     picture = torch.rand(1, 3, size, size, generator=torch.Generator().manual_seed(0))
     flows = {
-        "text_to_image": (images, lambda n, o: text_to_image(models, "a red car", width=size, height=size, n=n, options=o)),
-        "image_to_text": (captions, lambda n, o: image_to_text(models, picture, n=n, options=o)),
-        "dual_context": (images, lambda n, o: dual_context(models, "a red car", picture, text_strength=0.5, n=n,
-                                                           width=size, height=size, options=o)),
+        "text_to_image": (images, lambda m, n, o: text_to_image(m, "a red car", width=size, height=size, n=n, options=o)),
+        "image_to_text": (captions, lambda m, n, o: image_to_text(m, picture, n=n, options=o)),
+        "dual_context": (images, lambda m, n, o: dual_context(m, "a red car", picture, text_strength=0.5, n=n,
+                                                              width=size, height=size, options=o)),
     }
-    for name, (n, flow) in flows.items():
-        flow(n, SamplingOptions(steps=2))  # warm-up: kernels, allocator, cuDNN choices
-        seconds, peak = timed(lambda: flow(n, SamplingOptions(steps=steps)), device)
+    for name in args.flows:
+        n, flow = flows[name]
+        with tempfile.TemporaryDirectory() as tokenizer_dir:
+            models = random_models(name, device, dtype, Path(tokenizer_dir))
+        if any(fast_paths.values()):
+            models.diffuser = accelerate_diffuser(models.diffuser, cache_dir=args.cache_dir, **fast_paths)
+        flow(models, n, SamplingOptions(steps=2))  # warm-up: kernels, allocator, cuDNN choices, graphs
+        seconds, peak = timed(lambda: flow(models, n, SamplingOptions(steps=steps)), device)
         print(json.dumps({"bench": name, "device": str(device), "dtype": str(dtype).removeprefix("torch."),
                           "width": size, "height": size, "n": n, "steps": steps, "seconds": round(seconds, 3),
-                          "seconds_per_step": round(seconds / steps, 4), "peak_mem_mb": round(peak)}), flush=True)
+                          "seconds_per_step": round(seconds / steps, 4), "peak_mem_mb": round(peak),
+                          "fast_paths": fast_paths}), flush=True)
+        models = None  # free this flow's parts before the next one is built
+        gc.collect()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
 
 
 if __name__ == "__main__":

@@ -54,6 +54,37 @@ def test_text_to_image_writes_pngs_equal_to_the_python_api(release_dir, images, 
         assert np.abs(png.astype(int) - expected.astype(int)).max() <= 1
 
 
+def test_compile_flag_wraps_the_diffuser_and_gives_the_same_images(release_dir, images, tmp_path, monkeypatch):
+    """--compile through a tracing backend that runs eager kernels (Inductor would compile C++ for
+    minutes): the flow goes through torch.compile's graph and writes what the plain run writes."""
+    from vd_core import acceleration
+
+    wrapped = []
+    original = acceleration.accelerate_diffuser
+
+    def accelerate(diffuser, **options):
+        assert options["compile"] and not options["cuda_graphs"]  # --fast asks for graphs only on a GPU
+        assert options["cache_dir"] == tmp_path / "cache"
+        wrapped.append(original(diffuser, **{**options, "compile_backend": "aot_eager"}))
+        return wrapped[-1]
+
+    monkeypatch.setattr(acceleration, "accelerate_diffuser", accelerate)
+    # use_compile_cache sets these for the whole process: restore them after the test.
+    import torch._functorch.config as functorch_config
+    import torch._inductor.config as inductor_config
+
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setattr(inductor_config, "fx_graph_cache", inductor_config.fx_graph_cache)
+    monkeypatch.setattr(functorch_config, "enable_autograd_cache", functorch_config.enable_autograd_cache)
+    common = ["--models", release_dir, "--prompt", images["prompts"][0], "-n", "1", "--seed", "3", *FAST]
+    assert run("text-to-image", *common, "--out", tmp_path / "plain.png") == 0
+    assert run("text-to-image", *common, "--fast", "--compile", "--compile-cache", tmp_path / "cache",
+               "--out", tmp_path / "fast.png") == 0
+    assert len(wrapped) == 1
+    difference = np.abs(read_png(tmp_path / "fast.png").astype(int) - read_png(tmp_path / "plain.png").astype(int))
+    assert difference.max() <= 1  # float rounding can move a value across a uint8 boundary
+
+
 @pytest.mark.parametrize(
     "command, extra, outputs",
     [

@@ -81,6 +81,12 @@ def _add_common(sub: argparse.ArgumentParser, kind: str) -> None:
     sub.add_argument("--per-item-seeds", action="store_true", help="result i uses seed+i (ComfyUI style)")
     sub.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, mps … (default: cuda when available)")
     sub.add_argument("--dtype", choices=[*DTYPES, "auto"], default="auto", help="default fp16 on GPU, fp32 on CPU")
+    sub.add_argument("--fast", action="store_true",
+                     help="GPU fast paths for the diffuser: channels-last weights and CUDA graphs (same results)")
+    sub.add_argument("--compile", action="store_true",
+                     help="also torch.compile the diffuser (the first run compiles for minutes; cached afterwards)")
+    sub.add_argument("--compile-cache", type=Path, default=Path("~/.cache/vd_core/inductor"),
+                     help="where --compile keeps compiled kernels (default ~/.cache/vd_core/inductor)")
     sub.add_argument("-v", "--verbose", action="store_true", help="log every step")
 
 
@@ -153,6 +159,8 @@ def _generate(args) -> int:
     device, dtype = _placement(args.device, args.dtype)
     inputs = _flow_inputs(args)  # read input files before the (slow) model loading
     models = load_models(args.models, flows=(flow_name,), device=device, dtype=dtype)
+    if args.fast or args.compile:
+        models.diffuser = _accelerated(models.diffuser, device, args)
     if getattr(args, "init_image", None) is not None:
         init = _read_image(args.init_image)
         size = (args.width or init.shape[-1] // 8 * 8, args.height or init.shape[-2] // 8 * 8)
@@ -266,6 +274,23 @@ class _CancelOnInterrupt:
 def report_progress(step: int, total: int, x: torch.Tensor, x0_estimate: torch.Tensor) -> None:
     """The sampler callback: one log line per step (shown with --verbose)."""
     log.debug("step %d/%d", step + 1, total)
+
+
+def _accelerated(diffuser, device: torch.device, args):
+    """The diffuser behind the fast paths asked for (``vd_core.acceleration``); channels-last and
+    CUDA graphs only pay on a GPU, so ``--fast`` changes nothing on the CPU."""
+    from .acceleration import accelerate_diffuser
+
+    on_gpu = device.type == "cuda"
+    if args.fast and not on_gpu:
+        log.info("--fast: channels-last and CUDA graphs only pay on a CUDA GPU; running the plain diffuser")
+    return accelerate_diffuser(
+        diffuser,
+        channels_last=args.fast and on_gpu,
+        cuda_graphs=args.fast and on_gpu,
+        compile=args.compile,
+        cache_dir=args.compile_cache if args.compile else None,
+    )
 
 
 def _placement(device: str, dtype: str) -> tuple[torch.device, torch.dtype]:

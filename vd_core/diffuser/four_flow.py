@@ -217,6 +217,9 @@ def _data_kind(x: torch.Tensor) -> Kind:
     raise VDInputError(f"data must be image latents (B, C, h, w) or text latents (B, L); got shape {tuple(x.shape)}")
 
 
+# TorchDynamo cannot trace this numpy arithmetic (torch.compile fails on it), so it runs eagerly
+# and the compiled walk receives the ratios as inputs (symbolic after one recompilation).
+@torch.compiler.disable
 def _normalised_ratios(contexts: Sequence[ContextInput]) -> list[float]:
     """Ratios divided by their sum, in float64 as the official numpy code (SPEC §4.3)."""
     if not contexts:

@@ -1,0 +1,139 @@
+"""Run every benchmark script and print one normalised JSON line per measurement.
+
+    python benchmarks/run_all.py [--device cpu|cuda] [--dtype fp32|fp16|bf16] [--quick] [--size full|mid]
+        [--cache-dir D] [--only NAME ...] [--out results.jsonl]
+
+Each script runs in its own process (its peak memory is its own, compiled state does not leak),
+``bench_diffuser.py`` once per fast-path setting:
+
+* CPU: plain, channels-last (``torch.compile`` does not pay on the CPU and takes minutes);
+* CUDA: plain, channels-last, channels-last + compile, channels-last + compile + CUDA graphs; the
+  plain and the fastest setting also time 50-step guided DDIM loops.
+
+Every line keeps the script's own fields and has at least ``script``, ``bench``, ``device``,
+``dtype``, ``shape``, ``median_ms``, ``peak_mem_mb`` and ``fast_paths`` (``bench_flows.py``'s
+single timed run is reported as ``median_ms``; its ``shape`` is ``[n, 3, height, width]``). On
+CUDA, lines with a target of the speed issue add ``target_ms`` and ``meets_target``. A script
+that fails gives a line with ``error`` and makes the exit status 1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+HERE = Path(__file__).resolve().parent
+PLAIN = {"channels_last": False, "compile": False, "cuda_graphs": False}
+# Issue targets on an H100 in fp16: (bench, batch, context tokens) -> ms.
+TARGETS_MS = {
+    ("diffuser_image_flow", 4, 77): 8.0,
+    ("diffuser_text_flow", 8, 257): 3.0,
+    ("text_to_image", 2, None): 600.0,
+    ("image_to_text", 4, None): 400.0,
+}
+
+
+def diffuser_runs(device: str, cache_dir: str | None) -> list[list[str]]:
+    """``bench_diffuser.py`` fast-path settings to measure on ``device``."""
+    if device == "cpu":
+        return [[], ["--channels-last"]]
+    compiled = ["--channels-last", "--compile"] + (["--cache-dir", cache_dir] if cache_dir else [])
+    return [
+        ["--ddim-steps", "50"],
+        ["--channels-last"],
+        compiled,
+        compiled + ["--cuda-graphs", "--ddim-steps", "50"],
+    ]
+
+
+def flow_runs(device: str) -> list[list[str]]:
+    """``bench_flows.py`` settings: plain, and on CUDA the fast paths the flows can use."""
+    if device == "cpu":
+        return [[]]
+    return [[], ["--channels-last", "--cuda-graphs"]]
+
+
+def commands(args) -> list[tuple[str, list[str]]]:
+    """``(script, arguments)`` for every process to run."""
+    dtype = args.dtype or ("fp16" if args.device == "cuda" else "fp32")
+    common = ["--device", args.device] + (["--quick"] if args.quick else [])
+    encoder_dtype = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}[dtype]
+    runs = [
+        ("bench_diffuser.py", common + ["--dtype", dtype, "--size", args.size] + extra)
+        for extra in diffuser_runs(args.device, args.cache_dir)
+    ]
+    runs += [
+        ("bench_encoders.py", common + ["--dtype", encoder_dtype]),
+        ("bench_optimus.py", common + ["--dtype", dtype]),
+        *(("bench_flows.py", common + ["--dtype", dtype] + extra) for extra in flow_runs(args.device)),
+    ]
+    return [(script, argv) for script, argv in runs if not args.only or Path(script).stem in args.only]
+
+
+def normalise(script: str, line: dict) -> dict:
+    """Add the common fields a script's line may lack."""
+    line = {"script": script, **line}
+    if "median_ms" not in line and "seconds" in line:
+        line["median_ms"] = round(1000 * line["seconds"], 1)
+    if "shape" not in line and {"n", "width", "height"} <= line.keys():
+        line["shape"] = [line["n"], 3, line["height"], line["width"]]
+    line.setdefault("fast_paths", PLAIN)
+    shape = line.get("shape") or [None]
+    target = TARGETS_MS.get((line.get("bench"), shape[0], line.get("context_tokens")))
+    if target is not None and line.get("device", "").startswith("cuda"):
+        line["target_ms"] = target
+        line["meets_target"] = line["median_ms"] <= target
+    return line
+
+
+def run(script: str, argv: list[str]) -> tuple[list[dict], str | None]:
+    """The JSON lines ``script`` printed, and an error text if it failed."""
+    process = subprocess.run(
+        [sys.executable, str(HERE / script), *argv], capture_output=True, text=True, check=False
+    )
+    lines = []
+    for text in process.stdout.splitlines():
+        try:
+            lines.append(normalise(script, json.loads(text)))
+        except json.JSONDecodeError:
+            sys.stderr.write(f"{script}: {text}\n")
+    sys.stderr.write(process.stderr[-4000:] if process.returncode else "")
+    error = None
+    if process.returncode:
+        error = f"exit status {process.returncode}: {process.stderr.strip().splitlines()[-1:]}"
+    return lines, error
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], help="default: fp16 on CUDA, fp32 on the CPU")
+    parser.add_argument("--quick", action="store_true", help="every script's --quick")
+    parser.add_argument("--size", choices=["full", "mid"], default="full", help="bench_diffuser.py model size")
+    parser.add_argument("--cache-dir", help="persistent torch.compile cache for the compiled runs")
+    parser.add_argument("--only", nargs="+", metavar="NAME", help="only these scripts (e.g. bench_diffuser)")
+    parser.add_argument("--out", type=Path, help="also append the lines to this file")
+    args = parser.parse_args(argv)
+
+    failed = False
+    for script, script_argv in commands(args):
+        lines, error = run(script, script_argv)
+        if error:
+            failed = True
+            lines.append({"script": script, "argv": script_argv, "error": error})
+        for line in lines:
+            text = json.dumps(line)
+            print(text, flush=True)
+            if args.out:
+                with args.out.open("a", encoding="utf-8") as out:
+                    out.write(text + "\n")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
