@@ -13,9 +13,10 @@ in float32, and CUDA in float16 when a GPU is present. ``--quick``: image batch 
 
 The fast paths of ``vd_core.acceleration`` are chosen with ``--channels-last``, ``--compile`` and
 ``--cuda-graphs``. ``--ddim-steps S`` also times whole guided DDIM loops (guidance 7.5, S steps,
-the sampler the flows use, no VAE/Optimus): 2 images and 4 captions. ``--compare-diffusers`` times
-diffusers' ``UNet2DConditionModel`` (eager, SDPA) of the same sizes next to the image flow with a
-text context, when diffusers is importable (it is not a dependency of the pack).
+the sampler the flows use, no VAE/Optimus): 2 images and 4 captions. ``--compare-diffusers``
+instead times the image flow with a text context and diffusers' ``UNet2DConditionModel`` (eager,
+SDPA) of the same sizes in alternation (diffusers is not a dependency of the pack; install it to
+compare; these lines have no peak memory).
 
 Each line: ``{"bench", "device", "dtype", "shape", "context_tokens", "median_ms", "peak_mem_mb",
 "weights_mb", "fast_paths"}`` (DDIM lines add ``steps``). ``peak_mem_mb`` is
@@ -78,9 +79,10 @@ def current_rss_mb() -> float:
         return int(statm.read().split()[1]) * resource.getpagesize() / 2**20
 
 
-def measure(fn, device: torch.device, repeats: int) -> tuple[float, float]:
+def measure(fn, device: torch.device, repeats: int, warmup: bool = True) -> tuple[float, float]:
     """Median wall time of ``fn()`` in ms after one warm-up call, and peak memory in MB."""
-    fn()
+    if warmup:
+        fn()
     if device.type == "cuda":
         torch.cuda.synchronize(device)
         torch.cuda.reset_peak_memory_stats(device)
@@ -130,7 +132,7 @@ def row(bench: str, device, dtype, shape, tokens, median_ms, peak_mb, weights_mb
         "shape": list(shape),
         "context_tokens": tokens,
         "median_ms": round(median_ms, 2),
-        "peak_mem_mb": round(peak_mb, 1),
+        "peak_mem_mb": None if peak_mb is None else round(peak_mb, 1),
         "weights_mb": round(weights_mb, 1),
         "fast_paths": fast_paths(args),
         **extra,
@@ -185,12 +187,10 @@ def bench_ddim(model, data_kind: str, device, dtype, weights_mb: float, args) ->
     return row(bench, device, dtype, shape, tokens, *result, weights_mb, args, steps=args.ddim_steps)
 
 
-def bench_diffusers_unet(batches: list[int], device, dtype, args):
-    """diffusers' eager UNet2DConditionModel (SDPA attention) with the image diffuser's sizes and a
-    77-token text context: the same architecture in an independent implementation."""
+def diffusers_unet(config: DiffuserConfig, side: int, device, dtype):
+    """diffusers' ``UNet2DConditionModel`` with the image diffuser's sizes (SD1.x's architecture)."""
     from diffusers import UNet2DConditionModel
 
-    config, side = SIZES[args.size]
     levels = range(len(config.channel_mult))
     if len(set(config.num_res_blocks)) != 1:
         raise SystemExit("--compare-diffusers needs the same number of res blocks on every level")
@@ -206,23 +206,42 @@ def bench_diffusers_unet(batches: list[int], device, dtype, args):
         cross_attention_dim=config.context_dim,
         attention_head_dim=config.num_heads,  # diffusers' SD1 configs: this field is the head count
         norm_num_groups=32,
-    ).to(device=device, dtype=dtype).eval().requires_grad_(False)
+    )
+    return unet.to(device=device, dtype=dtype).eval().requires_grad_(False)
+
+
+def bench_against_diffusers(batches: list[int], device, dtype, args):
+    """The image flow under a 77-token text context next to diffusers' eager UNet (SDPA attention)
+    of the same sizes: an independent implementation of the same architecture. The two are timed
+    in alternation (one forward each per round), so machine load affects both alike."""
+    config, side = SIZES[args.size]
+    ours = accelerated(random_diffuser(config, DiffuserParts.for_flow("image", ["text"]), device, dtype), args)
+    theirs = diffusers_unet(config, side, device, dtype)
     if args.channels_last:
-        unet.to(memory_format=torch.channels_last)
-    weights_mb = sum(p.numel() * p.element_size() for p in unet.parameters()) / 2**20
+        theirs.to(memory_format=torch.channels_last)
     generator = torch.Generator(device).manual_seed(0)
     tokens = CONTEXT_TOKENS["text"]
     for batch in batches:
         shape = data_shape(config, "image", batch, side)
         x = torch.randn(shape, generator=generator, device=device).to(dtype)
-        if args.channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
         t = torch.full((batch,), 500, device=device)
         context = torch.randn(batch, tokens, config.context_dim, generator=generator, device=device).to(dtype)
+        x_theirs = x.contiguous(memory_format=torch.channels_last) if args.channels_last else x
+        runs = {
+            "diffuser_image_flow": (ours, lambda: ours(x, t, [ContextInput("text", context)])),
+            "diffusers_unet_image_flow": (theirs, lambda: theirs(x_theirs, t, encoder_hidden_states=context).sample),
+        }
+        times = {name: [] for name in runs}
         with torch.inference_mode():
-            result = measure(lambda: unet(x, t, encoder_hidden_states=context).sample, device, args.repeats)
-        yield row("diffusers_unet_image_flow", device, dtype, shape, tokens, *result, weights_mb, args,
-                  parameters=sum(p.numel() for p in unet.parameters()))
+            for _, fn in runs.values():
+                fn()  # warm-up
+            for _ in range(args.repeats):
+                for name, (_, fn) in runs.items():
+                    times[name].append(measure(fn, device, 1, warmup=False)[0])
+        for name, (model, _) in runs.items():
+            weights_mb = sum(p.numel() * p.element_size() for p in model.parameters()) / 2**20
+            yield row(name, device, dtype, shape, tokens, statistics.median(times[name]), None, weights_mb,
+                      args, parameters=sum(p.numel() for p in model.parameters()), compared="alternating")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -240,7 +259,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--cuda-graphs", action="store_true", help="record each forward once and replay it (CUDA)")
     parser.add_argument("--ddim-steps", type=int, default=0, help="also time guided DDIM loops of this many steps")
     parser.add_argument("--compare-diffusers", action="store_true",
-                        help="also time diffusers' UNet2DConditionModel of the same sizes (if installed)")
+                        help="only: the image flow vs diffusers' UNet2DConditionModel of the same sizes, alternating")
     args = parser.parse_args(argv)
 
     devices = [args.device] if args.device else ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
@@ -252,18 +271,19 @@ def main(argv: list[str] | None = None) -> None:
     for name in devices:
         device = torch.device(name)
         dtype = DTYPES[args.dtype] if args.dtype else (torch.float16 if device.type == "cuda" else torch.float32)
-        for data_kind, batches in (("image", image_batches), ("text", [8])):
-            for result in bench_flow(data_kind, batches, device, dtype, args):
+        if args.compare_diffusers:
+            if importlib.util.find_spec("diffusers") is None:
+                raise SystemExit("--compare-diffusers: diffusers is not installed (pip install diffusers)")
+            benches = [bench_against_diffusers(image_batches, device, dtype, args)]
+        else:
+            benches = [bench_flow(kind, batches, device, dtype, args) for kind, batches in
+                       (("image", image_batches), ("text", [8]))]
+        for bench in benches:  # generators: each builds its models when it starts
+            for result in bench:
                 print(json.dumps(result), flush=True)
             gc.collect()  # the finished generator's models
             if device.type == "cuda":
                 torch.cuda.empty_cache()
-        if args.compare_diffusers:
-            if importlib.util.find_spec("diffusers") is None:
-                print("diffusers is not installed: no comparison (pip install diffusers to add it)", file=sys.stderr)
-                continue
-            for result in bench_diffusers_unet(image_batches, device, dtype, args):
-                print(json.dumps(result), flush=True)
 
 
 if __name__ == "__main__":

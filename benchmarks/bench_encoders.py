@@ -1,4 +1,4 @@
-"""Encoder benchmarks on random full-size weights: one JSON line per measurement.
+"""CLIP context and image VAE benchmarks on random full-size weights: one JSON line per measurement.
 
     python benchmarks/bench_encoders.py [--device cuda] [--dtype float16 bfloat16] [--quick]
 
@@ -88,6 +88,25 @@ def bench_clip(device: torch.device, dtype: torch.dtype, quick: bool) -> Iterato
                measure(lambda: _preprocess(clip, images), torch.device("cpu"), warmup, repeats))
 
 
+def bench_image_vae(device: torch.device, dtype: torch.dtype, quick: bool) -> Iterator[dict]:
+    """The kl-f8 VAE (released sizes, default-initialised): decode of 512×512 images (the end of every
+    image flow; 2 = text→image's default batch) and encode of one (image-to-image's start)."""
+    from vd_core.image_vae import ImageVAE, ImageVAEConfig
+
+    with torch.device(device):
+        vae = ImageVAE(ImageVAEConfig(ch=128, ch_mult=(1, 2, 4, 4), num_res_blocks=2, z_channels=4, embed_dim=4))
+    vae = vae.to(dtype).eval().requires_grad_(False)
+    warmup, repeats = (1, 2) if quick else (2, 5)
+    generator = torch.Generator().manual_seed(0)
+    for batch in (1,) if quick else (1, 2):
+        latents = torch.randn(batch, 4, 64, 64, generator=generator).to(device)
+        yield _row("image_vae_decode", device, dtype, latents.shape, measure(lambda: vae.decode(latents), device,
+                                                                             warmup, repeats))
+    images = torch.rand(1, 3, 512, 512, generator=generator).to(device)
+    yield _row("image_vae_encode", device, dtype, images.shape, measure(lambda: vae.encode(images), device,
+                                                                        warmup, repeats))
+
+
 def _preprocess(clip: CLIPContextEncoder, images: torch.Tensor) -> torch.Tensor:
     from vd_core.clip_preprocess import check_images, preprocess_images
 
@@ -100,7 +119,7 @@ def _row(bench: str, device: torch.device, dtype: torch.dtype, shape, result: tu
             "median_ms": round(median_ms, 3), "peak_mem_mb": round(peak_mb, 1)}
 
 
-BENCHMARKS = [bench_clip]
+BENCHMARKS = [bench_clip, bench_image_vae]
 
 
 def main(argv: list[str] | None = None) -> None:

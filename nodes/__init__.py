@@ -12,10 +12,12 @@ from .image_tools import VDColorMatch
 from .loader import VDLoader
 from .model_patch import VDContextToConditioning, VDModelAsComfyModel
 from .samplers import VDImageToText, VDImageVariation, VDMultiContextSampler, VDTextToImage, VDTextVariation
+from .speed import VDSpeedUp
 from .text import VDOptimusTextDecode, VDOptimusTextEncode, VDTextLatentEdit
 
 NODE_CLASSES = (
     VDLoader,
+    VDSpeedUp,
     VDCLIPTextContext,
     VDCLIPImageContext,
     VDDualContextMixer,

@@ -8,7 +8,6 @@ import sys
 from pathlib import Path
 
 import pytest
-
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -69,6 +68,45 @@ def tiny_weights(tiny_dir) -> dict:
 @pytest.fixture(scope="session")
 def tiny_inputs(tiny_dir) -> dict:
     return load_tensors(tiny_dir / "inputs.safetensors")
+
+
+# apply_model.safetensors cases (descriptions in tiny/index.json): data input, [(context kind, ratio)].
+APPLY_MODEL_CASES = {
+    "eps_image_textctx": ("x_image", [("text", 1.0)]),
+    "eps_image_imagectx": ("x_image", [("image", 1.0)]),
+    "eps_text_textctx": ("x_text", [("text", 1.0)]),
+    "eps_text_imagectx": ("x_text", [("image", 1.0)]),
+    "eps_image_mc_text0p3_image0p7": ("x_image", [("text", 0.3), ("image", 0.7)]),
+    "eps_image_mc_text1_image3": ("x_image", [("text", 1.0), ("image", 3.0)]),
+    "eps_image_mc_text_only": ("x_image", [("text", 0.5)]),
+}
+
+
+def contexts_for(spec, inputs, dtype=torch.float32):
+    """``[(kind, ratio)]`` → the fixture's random context tokens as ``ContextInput`` s."""
+    from vd_core.diffuser import ContextInput
+
+    tokens = {"text": inputs["ctx_text_rand"], "image": inputs["ctx_image_rand"]}
+    return [ContextInput(kind, tokens[kind].to(dtype), ratio) for kind, ratio in spec]
+
+
+@pytest.fixture(scope="module")
+def tiny_state(tiny_weights) -> dict:
+    """The tiny official weights under the diffuser's own keys (``diffuser.`` prefix removed)."""
+    from vd_core.checkpoint import strip_prefix
+
+    return strip_prefix(tiny_weights, "diffuser.")
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tiny_state, tiny_config):
+    """The tiny official diffuser, loaded strictly, in eval mode (one per test module)."""
+    from vd_core.diffuser import DiffuserConfig, FourFlowDiffuser
+
+    config = DiffuserConfig.from_state_dict(tiny_state, num_heads=tiny_config["diffuser_image"]["num_heads"])
+    model = FourFlowDiffuser(config)
+    model.load_state_dict(tiny_state, strict=True)
+    return model.eval().requires_grad_(False)
 
 
 def assert_close_ref(actual, expected, rel: float = 1e-4, what: str = ""):

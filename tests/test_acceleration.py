@@ -13,7 +13,8 @@ import os
 
 import pytest
 import torch
-from conftest import assert_close_ref, load_tensors
+from conftest import APPLY_MODEL_CASES as CASES
+from conftest import assert_close_ref, contexts_for, load_tensors
 
 from vd_core.acceleration import (
     AcceleratedDiffuser,
@@ -23,19 +24,10 @@ from vd_core.acceleration import (
     graph_key,
     graphed_eps,
 )
-from vd_core.checkpoint import strip_prefix
 from vd_core.diffuser import ContextInput, DiffuserConfig, DiffuserParts, FourFlowDiffuser
 from vd_core.errors import VDInputError
 from vd_core.samplers import GuidedEps, sample_ddim
 
-# apply_model.safetensors cases (tiny/index.json): data input, [(context kind, ratio)].
-CASES = {
-    "eps_image_textctx": ("x_image", [("text", 1.0)]),
-    "eps_image_imagectx": ("x_image", [("image", 1.0)]),
-    "eps_text_textctx": ("x_text", [("text", 1.0)]),
-    "eps_text_imagectx": ("x_text", [("image", 1.0)]),
-    "eps_image_mc_text0p3_image0p7": ("x_image", [("text", 0.3), ("image", 0.7)]),
-}
 # Fast path vs plain path: the same sums in another order or layout (README: 1 vs 2 threads moves
 # a forward by ≤ 3e-6 on outputs of magnitude ≤ 3).
 SAME = 1e-5
@@ -43,26 +35,14 @@ needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA grap
 
 
 @pytest.fixture(scope="module")
-def tiny_state(tiny_weights):
-    return strip_prefix(tiny_weights, "diffuser.")
-
-
-@pytest.fixture(scope="module")
-def plain(tiny_state, tiny_config):
-    config = DiffuserConfig.from_state_dict(tiny_state, num_heads=tiny_config["diffuser_image"]["num_heads"])
-    model = FourFlowDiffuser(config)
-    model.load_state_dict(tiny_state, strict=True)
-    return model.eval().requires_grad_(False)
+def plain(tiny_model):
+    """The plain diffuser the fast paths are compared with (tests deep-copy it before changing it)."""
+    return tiny_model
 
 
 @pytest.fixture(scope="module")
 def apply_model(tiny_dir):
     return load_tensors(tiny_dir / "apply_model.safetensors")
-
-
-def contexts_for(spec, inputs):
-    tokens = {"text": inputs["ctx_text_rand"], "image": inputs["ctx_image_rand"]}
-    return [ContextInput(kind, tokens[kind], ratio) for kind, ratio in spec]
 
 
 class CPURecorder(CUDAGraphRunner):

@@ -6,42 +6,12 @@ import json
 
 import pytest
 import torch
-from conftest import assert_close_ref, load_tensors
+from conftest import APPLY_MODEL_CASES, assert_close_ref, contexts_for, load_tensors
 
-from vd_core.checkpoint import strip_prefix
 from vd_core.diffuser import ContextInput, DiffuserConfig, DiffuserParts, FourFlowDiffuser
 from vd_core.diffuser.layout import execution_order
 from vd_core.diffuser.timestep import timestep_embedding
 from vd_core.errors import MissingPartError, VDInputError
-
-# apply_model.safetensors cases (descriptions in tiny/index.json): data input, [(context kind, ratio)].
-APPLY_MODEL_CASES = {
-    "eps_image_textctx": ("x_image", [("text", 1.0)]),
-    "eps_image_imagectx": ("x_image", [("image", 1.0)]),
-    "eps_text_textctx": ("x_text", [("text", 1.0)]),
-    "eps_text_imagectx": ("x_text", [("image", 1.0)]),
-    "eps_image_mc_text0p3_image0p7": ("x_image", [("text", 0.3), ("image", 0.7)]),
-    "eps_image_mc_text1_image3": ("x_image", [("text", 1.0), ("image", 3.0)]),
-    "eps_image_mc_text_only": ("x_image", [("text", 0.5)]),
-}
-
-
-@pytest.fixture(scope="module")
-def tiny_state(tiny_weights):
-    return strip_prefix(tiny_weights, "diffuser.")
-
-
-@pytest.fixture(scope="module")
-def tiny_model(tiny_state, tiny_config):
-    config = DiffuserConfig.from_state_dict(tiny_state, num_heads=tiny_config["diffuser_image"]["num_heads"])
-    model = FourFlowDiffuser(config)
-    model.load_state_dict(tiny_state, strict=True)
-    return model.eval().requires_grad_(False)
-
-
-def contexts_for(spec, inputs, dtype=torch.float32):
-    tokens = {"text": inputs["ctx_text_rand"], "image": inputs["ctx_image_rand"]}
-    return [ContextInput(kind, tokens[kind].to(dtype), ratio) for kind, ratio in spec]
 
 
 def test_timestep_embedding_matches_official(tiny_dir, tiny_config, tiny_model):

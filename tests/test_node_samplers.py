@@ -134,3 +134,22 @@ def test_cancel_stops_sampling(nodes, parts, contexts, pack, monkeypatch):
     monkeypatch.setattr(pack.nodes.comfy_bridge, "cancel_check", lambda: (lambda: True))
     with pytest.raises(pack.vd_core.errors.Cancelled):
         _image_latent(nodes, "VDTextToImage", parts, contexts["prompt0"], 1)
+
+
+def test_speed_up_keeps_the_official_results(nodes, parts, contexts, expected, pack):
+    """VD Speed Up on the CPU: the samplers run the wrapped diffuser and still reproduce the
+    official runs; a second Speed Up re-wraps the diffuser instead of stacking wrappers."""
+    speed_up = nodes["VDSpeedUp"].speed_up
+    (fast,) = speed_up(parts[0], True, False)
+    accelerated = pack.vd_core.acceleration.AcceleratedDiffuser
+    assert isinstance(fast.module, accelerated) and fast.module.diffuser is parts[0].module
+    assert not fast.module.cuda_graphs and not fast.module.channels_last  # no GPU: plain computation
+    (again,) = speed_up(fast, True, True)
+    assert again.module.diffuser is parts[0].module
+    fast_parts = (fast, *parts[1:])
+    latent = _image_latent(nodes, "VDTextToImage", fast_parts, contexts["prompt0"], 100)
+    assert_close_ref(latent["samples"] * LATENT_SCALE, expected["ddim_t2i"]["x_final"][:1], 1e-3, "sped-up text→image")
+    (latents,) = nodes["VDImageToText"].sample(fast, contexts["image1"], 102, *DDIM.values(), 1)
+    assert_close_ref(latents, expected["ddim_i2t"]["x_final"][:1], 1e-2, "sped-up image→text")
+    with pytest.raises(pack.vd_core.errors.MissingPartError, match=r"^VD Speed Up: .*'diffuser'"):
+        speed_up(None, True, False)

@@ -38,6 +38,8 @@ log = logging.getLogger(__name__)
 # Modes whose own CUDA graphs (cudagraph trees) cannot run inside a graph we record.
 _SELF_GRAPHING_MODES = ("reduce-overhead", "max-autotune")
 COMPILE_MODES = ("default", "max-autotune-no-cudagraphs", *_SELF_GRAPHING_MODES)
+# Where the command line and the ComfyUI node keep compiled kernels between processes.
+DEFAULT_COMPILE_CACHE = Path("~/.cache/vd_core/inductor")
 
 
 def use_compile_cache(cache_dir: str | os.PathLike) -> Path:
