@@ -19,11 +19,9 @@ SDPA) of the same sizes in alternation (diffusers is not a dependency of the pac
 compare; these lines have no peak memory).
 
 Each line: ``{"bench", "device", "dtype", "shape", "context_tokens", "median_ms", "peak_mem_mb",
-"weights_mb", "fast_paths"}`` (DDIM lines add ``steps``). ``peak_mem_mb`` is
-``torch.cuda.max_memory_allocated`` on CUDA (weights included); on the CPU it is how far the
-process's peak RSS rose above its RSS before the measurement, i.e. the activations' high-water mark
-(0 when it stayed below an earlier peak). The first call (warm-up) is not timed: with
-``--compile`` it compiles, with ``--cuda-graphs`` it records.
+"weights_mb", "fast_paths"}`` (DDIM lines add ``steps``); ``peak_mem_mb`` as ``timing.measure``
+defines it (CUDA: allocated, weights included; CPU: the activations' RSS high-water mark). The
+first call (warm-up) is not timed: with ``--compile`` it compiles, with ``--cuda-graphs`` it records.
 """
 
 from __future__ import annotations
@@ -32,10 +30,8 @@ import argparse
 import gc
 import importlib.util
 import json
-import resource
 import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -45,6 +41,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from vd_core.acceleration import COMPILE_MODES, accelerate_diffuser  # noqa: E402
 from vd_core.diffuser import ContextInput, DiffuserConfig, DiffuserParts, FourFlowDiffuser  # noqa: E402
 from vd_core.samplers import BatchNoise, GuidedEps, sample_ddim  # noqa: E402
+from timing import measure  # noqa: E402  (benchmarks/timing.py, beside this script)
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 CONTEXT_TOKENS = {"text": 77, "image": 257}
@@ -72,33 +69,6 @@ def random_diffuser(config: DiffuserConfig, parts: DiffuserParts, device, dtype)
             if hasattr(module, "reset_parameters"):
                 module.reset_parameters()
     return model.requires_grad_(False).eval()
-
-
-def current_rss_mb() -> float:
-    with open("/proc/self/statm") as statm:
-        return int(statm.read().split()[1]) * resource.getpagesize() / 2**20
-
-
-def measure(fn, device: torch.device, repeats: int, warmup: bool = True) -> tuple[float, float]:
-    """Median wall time of ``fn()`` in ms after one warm-up call, and peak memory in MB."""
-    if warmup:
-        fn()
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-        torch.cuda.reset_peak_memory_stats(device)
-    rss_before = current_rss_mb()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        times.append((time.perf_counter() - start) * 1000)
-    if device.type == "cuda":
-        peak = torch.cuda.max_memory_allocated(device) / 2**20
-    else:
-        peak = max(0.0, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 - rss_before)
-    return statistics.median(times), peak
 
 
 def fast_paths(args) -> dict:
@@ -159,7 +129,7 @@ def bench_flow(data_kind: str, batches: list[int], device, dtype, args):
             context = torch.randn(batch, tokens, config.context_dim, generator=generator, device=device).to(dtype)
             with torch.inference_mode():
                 result = measure(lambda: model(x, t, [ContextInput(kind, context)]), device, args.repeats)
-            yield row(f"diffuser_{data_kind}_flow", device, dtype, shape, tokens, *result, weights_mb, args)
+            yield row(f"diffuser_{data_kind}_flow", device, dtype, shape, tokens, *result[:2], weights_mb, args)
     if args.ddim_steps:
         yield bench_ddim(model, data_kind, device, dtype, weights_mb, args)
 
@@ -184,7 +154,7 @@ def bench_ddim(model, data_kind: str, device, dtype, weights_mb: float, args) ->
     with torch.inference_mode():
         result = measure(run, device, max(1, args.repeats // 2))
     bench = f"diffuser_{data_kind}_ddim"
-    return row(bench, device, dtype, shape, tokens, *result, weights_mb, args, steps=args.ddim_steps)
+    return row(bench, device, dtype, shape, tokens, *result[:2], weights_mb, args, steps=args.ddim_steps)
 
 
 def diffusers_unet(config: DiffuserConfig, side: int, device, dtype):
@@ -237,7 +207,7 @@ def bench_against_diffusers(batches: list[int], device, dtype, args):
                 fn()  # warm-up
             for _ in range(args.repeats):
                 for name, (_, fn) in runs.items():
-                    times[name].append(measure(fn, device, 1, warmup=False)[0])
+                    times[name].append(measure(fn, device, 1, warmup=0).median_ms)
         for name, (model, _) in runs.items():
             weights_mb = sum(p.numel() * p.element_size() for p in model.parameters()) / 2**20
             yield row(name, device, dtype, shape, tokens, statistics.median(times[name]), None, weights_mb,

@@ -2,23 +2,20 @@
 
     python benchmarks/bench_encoders.py [--device cuda] [--dtype float16 bfloat16] [--quick]
 
-Each line: ``{"bench", "device", "dtype", "shape", "median_ms", "peak_mem_mb"}``. ``peak_mem_mb``
-is the peak CUDA memory allocated during the measurement, or on the CPU the process's peak
-resident memory so far. Weights are random (no download), built from the released sizes.
+Each line: ``{"bench", "device", "dtype", "shape", "median_ms", "peak_mem_mb"}`` (``peak_mem_mb``
+as ``timing.measure`` defines it: CUDA memory allocated, weights included; on the CPU the rise of
+the peak RSS during the timed runs). Weights are random (no download), built from the released sizes.
 
 To add an encoder, write a ``bench_<name>(device, dtype, quick)`` generator yielding result dicts
-(use :func:`measure`) and list it in ``BENCHMARKS``.
+(use ``timing.measure``) and list it in ``BENCHMARKS``.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import resource
-import statistics
 import sys
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -26,33 +23,13 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from vd_core.clip_context import CLIPContextEncoder  # noqa: E402
+from timing import Timing, measure  # noqa: E402  (benchmarks/timing.py, beside this script)
 
 # openai/clip-vit-large-patch14 (vd_reference README, "Full-size manifest").
 CLIP_TEXT = {"vocab_size": 49408, "hidden_size": 768, "intermediate_size": 3072, "num_hidden_layers": 12,
              "num_attention_heads": 12, "max_position_embeddings": 77, "projection_dim": 768}
 CLIP_VISION = {"hidden_size": 1024, "intermediate_size": 4096, "num_hidden_layers": 24, "num_attention_heads": 16,
                "image_size": 224, "patch_size": 14, "projection_dim": 768}
-
-
-def measure(fn: Callable[[], object], device: torch.device, warmup: int, repeats: int) -> tuple[float, float]:
-    """Median wall time of ``fn()`` in ms and peak memory in MB (CUDA: allocated; CPU: process RSS)."""
-    for _ in range(warmup):
-        fn()
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-        torch.cuda.reset_peak_memory_stats(device)
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        times.append((time.perf_counter() - start) * 1000)
-    if device.type == "cuda":
-        peak = torch.cuda.max_memory_allocated(device) / 2**20
-    else:
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
-    return statistics.median(times), peak
 
 
 def random_clip(device: torch.device, dtype: torch.dtype) -> CLIPContextEncoder:
@@ -76,16 +53,16 @@ def bench_clip(device: torch.device, dtype: torch.dtype, quick: bool) -> Iterato
     for batch in (1,) if quick else (1, 8):
         ids = torch.randint(0, 49406, (batch, 77), generator=generator)
         yield _row("clip_text_encode", device, dtype, ids.shape,
-                   measure(lambda: clip.encode_text_ids(ids), device, warmup, repeats))
+                   measure(lambda: clip.encode_text_ids(ids), device, repeats, warmup))
     for batch in (1,) if quick else (1, 4):
         images = torch.rand(batch, 3, 512, 512, generator=generator)  # the WebUI's input size
         masks = (torch.rand(batch, 1, 512, 512, generator=generator) > 0.3).float()
         yield _row("clip_image_encode", device, dtype, images.shape,
-                   measure(lambda: clip.encode_image(images), device, warmup, repeats))
+                   measure(lambda: clip.encode_image(images), device, repeats, warmup))
         yield _row("clip_image_encode_masked", device, dtype, images.shape,
-                   measure(lambda: clip.encode_image(images, masks), device, warmup, repeats))
+                   measure(lambda: clip.encode_image(images, masks), device, repeats, warmup))
     yield _row("clip_image_preprocess", torch.device("cpu"), torch.float32, images.shape,
-               measure(lambda: _preprocess(clip, images), torch.device("cpu"), warmup, repeats))
+               measure(lambda: _preprocess(clip, images), torch.device("cpu"), repeats, warmup))
 
 
 def bench_image_vae(device: torch.device, dtype: torch.dtype, quick: bool) -> Iterator[dict]:
@@ -100,11 +77,11 @@ def bench_image_vae(device: torch.device, dtype: torch.dtype, quick: bool) -> It
     generator = torch.Generator().manual_seed(0)
     for batch in (1,) if quick else (1, 2):
         latents = torch.randn(batch, 4, 64, 64, generator=generator).to(device)
-        yield _row("image_vae_decode", device, dtype, latents.shape, measure(lambda: vae.decode(latents), device,
-                                                                             warmup, repeats))
+        decode = measure(lambda: vae.decode(latents), device, repeats, warmup)
+        yield _row("image_vae_decode", device, dtype, latents.shape, decode)
     images = torch.rand(1, 3, 512, 512, generator=generator).to(device)
-    yield _row("image_vae_encode", device, dtype, images.shape, measure(lambda: vae.encode(images), device,
-                                                                        warmup, repeats))
+    encode = measure(lambda: vae.encode(images), device, repeats, warmup)
+    yield _row("image_vae_encode", device, dtype, images.shape, encode)
 
 
 def _preprocess(clip: CLIPContextEncoder, images: torch.Tensor) -> torch.Tensor:
@@ -113,8 +90,8 @@ def _preprocess(clip: CLIPContextEncoder, images: torch.Tensor) -> torch.Tensor:
     return preprocess_images(check_images(images), clip.preprocessing)
 
 
-def _row(bench: str, device: torch.device, dtype: torch.dtype, shape, result: tuple[float, float]) -> dict:
-    median_ms, peak_mb = result
+def _row(bench: str, device: torch.device, dtype: torch.dtype, shape, result: Timing) -> dict:
+    median_ms, peak_mb, _ = result
     return {"bench": bench, "device": str(device), "dtype": str(dtype).removeprefix("torch."), "shape": list(shape),
             "median_ms": round(median_ms, 3), "peak_mem_mb": round(peak_mb, 1)}
 

@@ -13,15 +13,15 @@ The models are the released sizes with random weights (nothing is read or downlo
 flow gets only the parts ``vd_core.models.load_models`` would load for it (``FLOW_NEEDS``: e.g.
 text→image holds the image data layers, the text context layers and CLIP's text tower): the
 diffuser and CLIP ViT-L/14 in ``--dtype``, the image VAE and Optimus in float32. The diffuser's
-fast paths (``vd_core.acceleration``) are chosen as in ``bench_diffuser.py``. The tokenizers are stand-ins of the right vocabulary
-sizes, so captions are gibberish; their cost is that of real ones. ``--quick`` runs 256×256,
-4 steps, 1 image and 2 captions (a smoke test of the script; a CPU run still needs the full-size
-weights: about 13 GB of RAM in float32, 7 GB in bf16).
+fast paths (``vd_core.acceleration``) are chosen as in ``bench_diffuser.py``. The tokenizers are
+stand-ins of the right vocabulary sizes, so captions are gibberish; their cost is that of real
+ones. ``--quick`` runs 256×256, 4 steps, 1 image and 2 captions (a smoke test of the script; a
+CPU run still needs the full-size weights: about 13 GB of RAM in float32, 7 GB in bf16).
 
 Each line: ``{"bench", "device", "dtype", "width", "height", "n", "steps", "seconds",
-"seconds_per_step", "peak_mem_mb", "fast_paths"}``. ``seconds`` is one timed run after a 2-step warm-up of the
-same flow; ``peak_mem_mb`` is ``torch.cuda.max_memory_allocated`` (weights included) on CUDA and
-the process's peak RSS on the CPU.
+"seconds_per_step", "peak_mem_mb", "fast_paths"}``. ``seconds`` is one timed run after a 2-step
+warm-up of the same flow; ``peak_mem_mb`` is ``torch.cuda.max_memory_allocated`` (weights
+included) on CUDA and the rise of the process's peak RSS during the run on the CPU.
 """
 
 from __future__ import annotations
@@ -29,10 +29,8 @@ from __future__ import annotations
 import argparse
 import gc
 import json
-import resource
 import sys
 import tempfile
-import time
 import zlib
 from pathlib import Path
 
@@ -50,6 +48,7 @@ from vd_core.optimus import OptimusVAE  # noqa: E402
 from vd_core.optimus.bert_encoder import BertEncoderConfig  # noqa: E402
 from vd_core.optimus.gpt2_decoder import GPT2DecoderConfig  # noqa: E402
 from vd_core.optimus.tokenizers import find_optimus_tokenizers  # noqa: E402
+from timing import measure  # noqa: E402  (benchmarks/timing.py, beside this script)
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 FLOWS = ("text_to_image", "image_to_text", "dual_context")
@@ -63,7 +62,8 @@ class StandInCLIPTokenizer:
     eos_token_id = pad_token_id = CLIP_EOS
 
     def __call__(self, prompts, **kwargs):
-        return {"input_ids": [[CLIP_BOS, *(zlib.crc32(w.encode()) % CLIP_BOS for w in p.split()), CLIP_EOS] for p in prompts]}
+        ids = [[CLIP_BOS, *(zlib.crc32(w.encode()) % CLIP_BOS for w in p.split()), CLIP_EOS] for p in prompts]
+        return {"input_ids": ids}
 
 
 def stand_in_optimus_tokenizers(folder: Path):
@@ -132,19 +132,6 @@ def random_models(flow: str, device: torch.device, dtype: torch.dtype, tokenizer
     return models
 
 
-def timed(run, device: torch.device) -> tuple[float, float]:
-    """Seconds of one ``run()`` and peak memory in MB."""
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-        torch.cuda.reset_peak_memory_stats(device)
-    start = time.perf_counter()
-    run()
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-        return time.perf_counter() - start, torch.cuda.max_memory_allocated(device) / 2**20
-    return time.perf_counter() - start, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -163,7 +150,8 @@ def main(argv=None) -> None:
 
     picture = torch.rand(1, 3, size, size, generator=torch.Generator().manual_seed(0))
     flows = {
-        "text_to_image": (images, lambda m, n, o: text_to_image(m, "a red car", width=size, height=size, n=n, options=o)),
+        "text_to_image": (images, lambda m, n, o: text_to_image(m, "a red car", width=size, height=size, n=n,
+                                                                options=o)),
         "image_to_text": (captions, lambda m, n, o: image_to_text(m, picture, n=n, options=o)),
         "dual_context": (images, lambda m, n, o: dual_context(m, "a red car", picture, text_strength=0.5, n=n,
                                                               width=size, height=size, options=o)),
@@ -175,7 +163,8 @@ def main(argv=None) -> None:
         if any(fast_paths.values()):
             models.diffuser = accelerate_diffuser(models.diffuser, cache_dir=args.cache_dir, **fast_paths)
         flow(models, n, SamplingOptions(steps=2))  # warm-up: kernels, allocator, cuDNN choices, graphs
-        seconds, peak = timed(lambda: flow(models, n, SamplingOptions(steps=steps)), device)
+        milliseconds, peak, _ = measure(lambda: flow(models, n, SamplingOptions(steps=steps)), device, 1, warmup=0)
+        seconds = milliseconds / 1000
         print(json.dumps({"bench": name, "device": str(device), "dtype": str(dtype).removeprefix("torch."),
                           "width": size, "height": size, "n": n, "steps": steps, "seconds": round(seconds, 3),
                           "seconds_per_step": round(seconds / steps, 4), "peak_mem_mb": round(peak),

@@ -11,18 +11,15 @@ float16 when a GPU is present. ``--quick``: 1 timed run (default 3).
 
 Each line: ``{"bench", "device", "dtype", "shape", "median_ms", "peak_mem_mb", "tokens",
 "weights_mb"}``; ``shape`` is the latents' shape, ``tokens`` the ids generated per run.
-``peak_mem_mb`` is ``torch.cuda.max_memory_allocated`` on CUDA (weights included); on the CPU the
-rise of the process's peak RSS above its RSS before the runs (0 if it stayed below an earlier peak).
+``peak_mem_mb`` as ``timing.measure`` defines it: ``torch.cuda.max_memory_allocated`` on CUDA
+(weights included); on the CPU the rise of the process's peak RSS during the timed runs.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import resource
-import statistics
 import sys
-import time
 from functools import partial
 from pathlib import Path
 
@@ -32,6 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from vd_core.optimus.decoding import generate_token_ids  # noqa: E402
 from vd_core.optimus.gpt2_decoder import GPT2DecoderConfig, GPT2LatentDecoder  # noqa: E402
+from timing import measure  # noqa: E402  (benchmarks/timing.py, beside this script)
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 FULL_SIZE = GPT2DecoderConfig(vocab_size=50260, hidden_size=768, num_layers=12, num_heads=12, max_positions=1024,
@@ -56,32 +54,6 @@ def random_decoder(device: torch.device, dtype: torch.dtype) -> GPT2LatentDecode
     return decoder.to(dtype).requires_grad_(False).eval()
 
 
-def current_rss_mb() -> float:
-    with open("/proc/self/statm") as statm:
-        return int(statm.read().split()[1]) * resource.getpagesize() / 2**20
-
-
-def measure(fn, device: torch.device, repeats: int) -> tuple[float, float, int]:
-    """Median wall time of ``fn()`` in ms, peak memory in MB, and the number of ids of the last run."""
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-        torch.cuda.reset_peak_memory_stats(device)
-    rss_before = current_rss_mb()
-    times, tokens = [], 0
-    for _ in range(repeats):
-        start = time.perf_counter()
-        ids = fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        times.append((time.perf_counter() - start) * 1000)
-        tokens = sum(len(row) - 1 for row in ids)  # <BOS> is given, not generated
-    if device.type == "cuda":
-        peak = torch.cuda.max_memory_allocated(device) / 2**20
-    else:
-        peak = max(0.0, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 - rss_before)
-    return statistics.median(times), peak, tokens
-
-
 def bench(device: torch.device, dtype: torch.dtype, repeats: int):
     decoder = random_decoder(device, dtype)
     weights_mb = sum(p.numel() * p.element_size() for p in decoder.parameters()) / 2**20
@@ -96,7 +68,7 @@ def bench(device: torch.device, dtype: torch.dtype, repeats: int):
             run = partial(generate_token_ids, decoder, latents, bos_id=BOS, eos_id=EOS, greedy=mode == "greedy",
                           max_length=MAX_LENGTH, generator=torch.Generator().manual_seed(20),
                           use_kv_cache=use_kv_cache)
-            median_ms, peak_mb, tokens = measure(run, device, repeats)
+            median_ms, peak_mb, ids = measure(run, device, repeats, warmup=0)
             yield {
                 "bench": f"optimus_decode_{mode}_{'kv' if use_kv_cache else 'nokv'}",
                 "device": str(device),
@@ -104,7 +76,7 @@ def bench(device: torch.device, dtype: torch.dtype, repeats: int):
                 "shape": list(latents.shape),
                 "median_ms": round(median_ms, 1),
                 "peak_mem_mb": round(peak_mb, 1),
-                "tokens": tokens,
+                "tokens": sum(len(row) - 1 for row in ids),  # <BOS> is given, not generated
                 "weights_mb": round(weights_mb, 1),
             }
 
