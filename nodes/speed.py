@@ -21,7 +21,7 @@ class VDSpeedUp:
     CATEGORY = "VersatileDiffusion/loaders"
     DESCRIPTION = (
         "Optional, between the VD Loader and the samplers: runs the diffuser with channels-last "
-        "weights and replays each sampling step from a recorded CUDA graph (one launch instead of "
+        "weights and replays each diffuser forward from a recorded CUDA graph (one launch instead of "
         "hundreds; the text flows gain most), optionally compiled with torch.compile. Same images "
         "and texts up to float rounding. GPU only: on the CPU the model passes through unchanged."
     )
@@ -36,7 +36,7 @@ class VDSpeedUp:
             "required": {
                 "vd_model": (VD_MODEL, {"tooltip": "The diffuser from the VD Loader."}),
                 "cuda_graphs": ("BOOLEAN", {"default": True, "tooltip": (
-                    "Record one sampling step per image size and replay it. Each recorded size keeps "
+                    "Record the diffuser forward once per image size and replay it. Each recorded size keeps "
                     "its activation memory (a few hundred MB at 512²) until the model is unloaded.")}),
                 "compile": ("BOOLEAN", {"default": False, "tooltip": (
                     "Also fuse the layers with torch.compile. The first run of each size compiles for "
