@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .acceleration import DEFAULT_COMPILE_CACHE
+from . import acceleration
 from .errors import Cancelled, VDError, VDInputError
 from .flows import ImageSlot, SamplingOptions
 from .flows.image_prep import resize_images, resize_masks
@@ -86,8 +86,8 @@ def _add_common(sub: argparse.ArgumentParser, kind: str) -> None:
                      help="GPU fast paths for the diffuser: channels-last weights and CUDA graphs (same results)")
     sub.add_argument("--compile", action="store_true",
                      help="also torch.compile the diffuser (the first run compiles for minutes; cached afterwards)")
-    sub.add_argument("--compile-cache", type=Path, default=DEFAULT_COMPILE_CACHE,
-                     help=f"where --compile keeps compiled kernels (default {DEFAULT_COMPILE_CACHE})")
+    sub.add_argument("--compile-cache", type=Path, default=acceleration.DEFAULT_COMPILE_CACHE,
+                     help=f"where --compile keeps compiled kernels (default {acceleration.DEFAULT_COMPILE_CACHE})")
     sub.add_argument("-v", "--verbose", action="store_true", help="log every step")
 
 
@@ -280,12 +280,10 @@ def report_progress(step: int, total: int, x: torch.Tensor, x0_estimate: torch.T
 def _accelerated(diffuser, device: torch.device, args):
     """The diffuser behind the fast paths asked for (``vd_core.acceleration``); channels-last and
     CUDA graphs only pay on a GPU, so ``--fast`` changes nothing on the CPU."""
-    from .acceleration import accelerate_diffuser  # looked up at call time (tests wrap it)
-
     on_gpu = device.type == "cuda"
     if args.fast and not on_gpu:
         log.info("--fast: channels-last and CUDA graphs only pay on a CUDA GPU; running the plain diffuser")
-    return accelerate_diffuser(
+    return acceleration.accelerate_diffuser(
         diffuser,
         channels_last=args.fast and on_gpu,
         cuda_graphs=args.fast and on_gpu,
