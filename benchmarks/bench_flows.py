@@ -40,10 +40,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from vd_core.acceleration import accelerate_diffuser  # noqa: E402
 from vd_core.clip_context import CLIPContextEncoder  # noqa: E402
-from vd_core.diffuser import DiffuserConfig, DiffuserParts, FourFlowDiffuser  # noqa: E402
+from vd_core.diffuser import DiffuserConfig, FourFlowDiffuser  # noqa: E402
 from vd_core.flows import SamplingOptions, dual_context, image_to_text, text_to_image  # noqa: E402
 from vd_core.image_vae import ImageVAE, ImageVAEConfig  # noqa: E402
-from vd_core.models import FLOW_NEEDS, VDModels  # noqa: E402
+from vd_core.models import FLOW_NEEDS, VDModels, clip_towers_for, diffuser_parts_for  # noqa: E402
 from vd_core.optimus import OptimusVAE  # noqa: E402
 from vd_core.optimus.bert_encoder import BertEncoderConfig  # noqa: E402
 from vd_core.optimus.gpt2_decoder import GPT2DecoderConfig  # noqa: E402
@@ -99,25 +99,18 @@ def random_models(flow: str, device: torch.device, dtype: torch.dtype, tokenizer
     from transformers import CLIPTextConfig, CLIPVisionConfig
 
     needs = FLOW_NEEDS[flow]
-    parts = DiffuserParts(
-        image_data="image" in needs.data_kinds,
-        text_data="text" in needs.data_kinds,
-        image_context="image" in needs.context_kinds,
-        text_context="text" in needs.context_kinds,
-    )
     with torch.device("meta"):
-        diffuser = FourFlowDiffuser(DiffuserConfig.full_size(), parts)
+        diffuser = FourFlowDiffuser(DiffuserConfig.full_size(), diffuser_parts_for(needs.data_kinds, needs.context_kinds))
     diffuser = diffuser.to(dtype).to_empty(device=device)  # the diffuser has no buffers to keep
     text = CLIPTextConfig(vocab_size=49408, hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
                           num_attention_heads=12, max_position_embeddings=77, projection_dim=768)
     vision = CLIPVisionConfig(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
                               image_size=224, patch_size=14, projection_dim=768)
-    # As load_models: the text tower for text contexts, the vision tower for image contexts.
-    towers = {"text": text if "text" in needs.context_kinds else None,
-              "vision": vision if "image" in needs.context_kinds else None}
+    towers = clip_towers_for(needs.context_kinds)
     models = VDModels(diffuser=randomize_(diffuser))
     with torch.device(device):
-        models.clip = randomize_(CLIPContextEncoder(towers["text"], towers["vision"], 768,
+        models.clip = randomize_(CLIPContextEncoder(text if "text" in towers else None,
+                                                    vision if "vision" in towers else None, 768,
                                                     tokenizer=StandInCLIPTokenizer()).to(dtype))
         if needs.image_vae:
             models.image_vae = randomize_(

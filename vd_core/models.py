@@ -204,10 +204,10 @@ def load_models(
     _check_present(files, wanted, flows)
 
     models = VDModels(files=files)
-    models.diffuser = _load_diffuser(files.diffuser, data_kinds, context_kinds, device, dtype)
-    # Image contexts also serve the text flow's black-image contrast; text contexts need the text tower.
-    towers = (["text"] if "text" in context_kinds else []) + (["vision"] if "image" in context_kinds else [])
-    models.clip = load_clip(files.clip, dtype=dtype, device=device, towers=towers)
+    parts = diffuser_parts_for(data_kinds, context_kinds)
+    log.info("loading the diffuser from %s (%s)", files.diffuser, parts)
+    models.diffuser = load_diffuser(files.diffuser, parts=parts, dtype=dtype, device=device)
+    models.clip = load_clip(files.clip, dtype=dtype, device=device, towers=clip_towers_for(context_kinds))
     if "image_vae" in wanted:
         models.image_vae = load_image_vae(files.image_vae, device=device)
     if "optimus" in wanted:
@@ -228,12 +228,19 @@ def _check_present(files: ModelFiles, wanted: set[str], flows: tuple[str, ...]) 
     )
 
 
-def _load_diffuser(path, data_kinds, context_kinds, device, dtype):
-    parts = DiffuserParts(
+def diffuser_parts_for(data_kinds: Iterable[str], context_kinds: Iterable[str]) -> DiffuserParts:
+    """The diffuser layers that flows with these data and context kinds use (SPEC §1)."""
+    data_kinds, context_kinds = set(data_kinds), set(context_kinds)
+    return DiffuserParts(
         image_data="image" in data_kinds,
         text_data="text" in data_kinds,
         image_context="image" in context_kinds,
         text_context="text" in context_kinds,
     )
-    log.info("loading the diffuser from %s (%s)", path, parts)
-    return load_diffuser(path, parts=parts, dtype=dtype, device=device)
+
+
+def clip_towers_for(context_kinds: Iterable[str]) -> list[str]:
+    """CLIP towers for these context kinds: text contexts need the text tower; image contexts (and
+    the text flow's black-image contrast, an image context too) the vision tower."""
+    context_kinds = set(context_kinds)
+    return (["text"] if "text" in context_kinds else []) + (["vision"] if "image" in context_kinds else [])
