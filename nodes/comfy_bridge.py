@@ -18,7 +18,7 @@ from typing import Callable
 
 import torch
 
-from ..vd_core.checkpoint import describe_keys
+from ..vd_core.checkpoint import check_same_keys, load_exactly
 from ..vd_core.errors import Cancelled, CheckpointError, VDError, VDInputError
 
 log = logging.getLogger(__name__)
@@ -372,17 +372,13 @@ def core_vae(image_vae_state_dict: dict[str, torch.Tensor]) -> object:
         with torch.device("meta"):  # no random init: every weight comes from ``sd``
             model = ImageVAE(config)
         vae = PlainVAE(model)
-    # ComfyUI loads non-strictly and only logs missing keys, so compare the keys here.
-    expected = set(model.state_dict())
-    missing, unexpected = expected - set(sd), set(sd) - expected
-    if missing or unexpected:
-        raise CheckpointError(
-            f"the image VAE weights do not match a kl-f8 VAE of their own sizes: missing {describe_keys(missing)}, "
-            f"unexpected {describe_keys(unexpected)}; choose kl-f8.pth or a Stable Diffusion 1.x VAE."
-        )
+    what = ("the image VAE weights", "a kl-f8 VAE of their own sizes",
+            "Choose kl-f8.pth or a Stable Diffusion 1.x VAE.")
     if isinstance(vae, PlainVAE):
-        model.load_state_dict(sd, strict=True, assign=True)
+        load_exactly(model, sd, *what)
         model.eval().requires_grad_(False)
+    else:  # ComfyUI has loaded the weights non-strictly (it only logs missing keys): compare them here
+        check_same_keys(model, sd, *what)
     return vae
 
 

@@ -1,8 +1,8 @@
-"""Safe reading of model files into flat state dicts.
+"""Safe reading of model files into flat state dicts, and strict loading of them.
 
 Every loader in vd_core reads files through :func:`read_state_dict`, so that no pickle is ever
 executed (``torch.load(weights_only=True)`` or safetensors) and every broken file gets the same
-clear error.
+clear error; :func:`load_exactly` gives every loader the same strict, named-keys loading.
 """
 
 from __future__ import annotations
@@ -105,3 +105,31 @@ def describe_keys(keys, limit: int = 4) -> str:
     keys = sorted(keys)
     shown = ", ".join(repr(k) for k in keys[:limit])
     return shown + (f", … (+{len(keys) - limit} more)" if len(keys) > limit else "")
+
+
+def check_same_keys(model: torch.nn.Module, state: Mapping[str, torch.Tensor], source: str, expected: str,
+                    fix: str) -> None:
+    """Raise :class:`CheckpointError` unless ``state`` has exactly ``model``'s keys: ``"<source> does
+    not match <expected>: missing keys …; unexpected keys …. <fix>"``."""
+    wanted = set(model.state_dict())
+    missing, unexpected = wanted - state.keys(), state.keys() - wanted
+    if missing or unexpected:
+        raise CheckpointError(
+            f"{source} does not match {expected}: missing keys {describe_keys(missing) or 'none'}; "
+            f"unexpected keys {describe_keys(unexpected) or 'none'}. {fix}"
+        )
+
+
+def load_exactly(model: torch.nn.Module, state: Mapping[str, torch.Tensor], source: str, expected: str,
+                 fix: str) -> None:
+    """Load ``state`` into ``model`` strictly, taking its tensors as they are (``assign``, so a model
+    built on the ``meta`` device gets real weights without a copy).
+
+    Raises:
+        CheckpointError: other keys (see :func:`check_same_keys`) or shapes that do not fit.
+    """
+    check_same_keys(model, state, source, expected, fix)
+    try:
+        model.load_state_dict(state, strict=True, assign=True)
+    except RuntimeError as exc:  # shape mismatches between tensors of the same file
+        raise CheckpointError(f"{source} has inconsistent tensor shapes: {str(exc).splitlines()[-1].strip()}") from exc

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint import describe_keys, read_state_dict, strip_prefix
+from .checkpoint import describe_keys, load_exactly, read_state_dict, strip_prefix
 from .clip_context import CLIPContextEncoder
 from .clip_preprocess import CLIPImagePreprocessing
 from .errors import CheckpointError
@@ -242,17 +242,8 @@ def _build(towers: dict[str, dict[str, torch.Tensor]], config, source: str, *, t
     with torch.device("meta"):
         encoder = CLIPContextEncoder(text_config, vision_config, dims.pop(), tokenizer=tokenizer,
                                      preprocessing=preprocessing)
-    expected = set(encoder.state_dict())
-    missing, unexpected = sorted(expected - state.keys()), sorted(state.keys() - expected)
-    if missing or unexpected:
-        raise CheckpointError(
-            f"{source} does not fit the CLIP its own shapes describe (missing: {describe_keys(missing) or 'none'}; "
-            f"unexpected: {describe_keys(unexpected) or 'none'}); it is incomplete or not a CLIP ViT model."
-        )
-    try:
-        encoder.load_state_dict(state, strict=True, assign=True)
-    except RuntimeError as exc:
-        raise CheckpointError(f"{source} has tensors of inconsistent shapes: {exc}") from exc
+    load_exactly(encoder, state, str(source), "the CLIP its own shapes describe",
+                 "It is incomplete or not a CLIP ViT model.")
     floats = {v.dtype for v in state.values() if v.is_floating_point()}
     stored = floats.pop() if len(floats) == 1 else torch.float32
     _rebuild_position_ids(encoder, next(iter(state.values())).device)

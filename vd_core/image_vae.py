@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .checkpoint import describe_keys, read_state_dict, strip_prefix
+from .checkpoint import describe_keys, load_exactly, read_state_dict, strip_prefix
 from .errors import CheckpointError, VDInputError
 from .image_vae_blocks import Decoder, Encoder
 
@@ -198,18 +198,10 @@ def load_image_vae(path: str | os.PathLike, dtype: torch.dtype | None = None, de
     config = ImageVAEConfig.from_state_dict(state, source)
     with torch.device("meta"):
         model = ImageVAE(config)
-    expected = set(model.state_dict())
-    missing, unexpected = expected - set(state), set(state) - expected
-    if missing or unexpected:
-        raise CheckpointError(
-            f"{source} does not match the kl-f8 VAE layout its shapes describe ({config}): missing keys "
-            f"{describe_keys(missing) or 'none'}; unexpected keys {describe_keys(unexpected) or 'none'}. "
-            "The file must hold exactly one LDM AutoencoderKL state dict (as kl-f8.pth does)."
-        )
-    try:
-        model.load_state_dict(state, strict=True, assign=True)
-    except RuntimeError as exc:  # shape mismatches between tensors of the same file
-        raise CheckpointError(f"{source} has inconsistent tensor shapes: {str(exc).splitlines()[-1].strip()}") from exc
+    load_exactly(
+        model, state, str(source), f"the kl-f8 VAE layout its shapes describe ({config})",
+        "The file must hold exactly one LDM AutoencoderKL state dict (as kl-f8.pth does).",
+    )
     log.info("loaded image VAE from %s: %s", path, config)
     return model.to(device=device, dtype=dtype or torch.float32).eval().requires_grad_(False)
 

@@ -13,7 +13,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from ..checkpoint import describe_keys, read_state_dict, strip_prefix
+from ..checkpoint import describe_keys, load_exactly, read_state_dict, strip_prefix
 from ..errors import CheckpointError, TokenizerNotFoundError, VDInputError
 from .bert_encoder import BertEncoderConfig, BertLatentEncoder
 from .decoding import caption_from_ids, generate_token_ids
@@ -165,7 +165,10 @@ def load_optimus(path: str | os.PathLike, tokenizer_dir: str | os.PathLike | Non
     tokenizers = find_optimus_tokenizers(tokenizer_dir, model_path=path)
     with torch.device("meta"):
         model = OptimusVAE(enc_config, dec_config, tokenizers)
-    _load_strict(model, state, path)
+    load_exactly(
+        model, state, f"Optimus file {path}", "the Optimus VAE",
+        "Expected optimus-vae.pth (keys 'encoder.*', 'decoder.*') or an all-in-one VD file with 'vae.text.*' keys.",
+    )
     model.decoder.tie_weights()  # assign=True replaced the shared parameter by two
     log.info("loaded Optimus from %s: latent %d, BERT %d×%d, GPT-2 %d×%d", path, enc_config.latent_size,
              enc_config.num_layers, enc_config.hidden_size, dec_config.num_layers, dec_config.hidden_size)
@@ -200,18 +203,3 @@ def _file_kind(state: dict[str, torch.Tensor]) -> str:
     if any(k.startswith("model.diffusion_model.") for k in keys):
         return "a Stable Diffusion checkpoint"
     return f"not a recognised model file (keys such as {describe_keys(keys, 3)})"
-
-
-def _load_strict(model: OptimusVAE, state: dict[str, torch.Tensor], path) -> None:
-    expected = set(model.state_dict())
-    missing, unexpected = expected - set(state), set(state) - expected
-    if missing or unexpected:
-        raise CheckpointError(
-            f"Optimus file {path} does not match the Optimus VAE: missing {describe_keys(missing) or 'none'}; "
-            f"unexpected {describe_keys(unexpected) or 'none'}. Expected optimus-vae.pth (keys 'encoder.*', "
-            "'decoder.*') or an all-in-one VD file with 'vae.text.*' keys."
-        )
-    try:
-        model.load_state_dict(state, strict=True, assign=True)
-    except RuntimeError as exc:  # shape mismatches between layers
-        raise CheckpointError(f"Optimus file {path} has inconsistent tensor shapes: {exc}") from exc
