@@ -301,24 +301,24 @@ def _placement(device: str, dtype: str) -> tuple[torch.device, torch.dtype]:
     return device, DTYPES[dtype]
 
 
-def _read_image(path: Path) -> torch.Tensor:
-    """An image file → ``(1, 3, H, W)`` float in [0, 1] (RGB; transparency dropped)."""
+def _read_pixels(path: Path, mode: str, what: str) -> torch.Tensor:
+    """An image file converted to PIL ``mode`` → ``(C, H, W)`` float in [0, 1]."""
     try:
         with Image.open(path) as image:
-            rgb = np.asarray(image.convert("RGB"))
+            pixels = np.atleast_3d(np.asarray(image.convert(mode)))
     except (OSError, ValueError) as exc:
-        raise VDInputError(f"cannot read image {path}: {exc}") from exc
-    return torch.from_numpy(rgb.copy()).permute(2, 0, 1)[None].float() / 255
+        raise VDInputError(f"cannot read {what} {path}: {exc}") from exc
+    return torch.from_numpy(pixels.copy()).permute(2, 0, 1).float() / 255
+
+
+def _read_image(path: Path) -> torch.Tensor:
+    """An image file → ``(1, 3, H, W)`` float in [0, 1] (RGB; transparency dropped)."""
+    return _read_pixels(path, "RGB", "image")[None]
 
 
 def _read_mask(path: Path) -> torch.Tensor:
     """A grayscale mask file → ``(1, 1, H, W)`` in [0, 1], white = keep."""
-    try:
-        with Image.open(path) as image:
-            gray = np.asarray(image.convert("L"))
-    except (OSError, ValueError) as exc:
-        raise VDInputError(f"cannot read mask {path}: {exc}") from exc
-    return torch.from_numpy(gray.copy())[None, None].float() / 255
+    return _read_pixels(path, "L", "mask")[None]
 
 
 def _write_png(image: torch.Tensor, path: str) -> None:
