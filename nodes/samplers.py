@@ -105,6 +105,16 @@ class _ImageSampler:
                 "Number of images. Ignored when a latent is connected (its batch is used).")}),
         }
 
+    @staticmethod
+    def image_to_image_inputs() -> dict:
+        """The optional start latent and denoise amount of the image-to-image samplers."""
+        return {
+            "latent": ("LATENT", {"tooltip": (
+                "Optional start latent (VAE Encode of an image) for image-to-image; it also sets the size and batch.")}),
+            "denoise": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 1.0, "step": 0.01, "tooltip": (
+                "With a latent: how much of the schedule to run (1 = ignore its content, 0 = return it).")}),
+        }
+
     def run(self, model, context, seed, steps, cfg, sampler, scheduler, eta, width, height, batch_size,
             latent=None, denoise=1.0):
         name = self.DISPLAY_NAME
@@ -139,12 +149,7 @@ class VDTextToImage(_ImageSampler):
                 **sampling_inputs("The context: VD CLIP Text Context, or a mixer's output."),
                 **cls.size_inputs(),
             },
-            "optional": {
-                "latent": ("LATENT", {"tooltip": (
-                    "Optional start latent (VAE Encode of an image) for image-to-image; it also sets the size and batch.")}),
-                "denoise": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 1.0, "step": 0.01, "tooltip": (
-                    "With a latent: how much of the schedule to run (1 = ignore its content, 0 = return it).")}),
-            },
+            "optional": cls.image_to_image_inputs(),
         }
 
     def sample(self, model, context, seed, steps, cfg, sampler, scheduler, eta, width, height, batch_size,
@@ -236,9 +241,7 @@ class VDMultiContextSampler(_ImageSampler):
                 "image_3": (VD_CONTEXT, {"tooltip": slot_tooltip}),
                 "image_4": (VD_CONTEXT, {"tooltip": slot_tooltip}),
                 "text": (VD_CONTEXT, {"tooltip": "Optional text context (VD CLIP Text Context)."}),
-                "latent": ("LATENT", {"tooltip": "Optional start latent for image-to-image; it also sets the size and batch."}),
-                "denoise": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 1.0, "step": 0.01, "tooltip": (
-                    "With a latent: how much of the schedule to run (1 = ignore its content).")}),
+                **cls.image_to_image_inputs(),
             },
         }
 
