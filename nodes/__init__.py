@@ -10,7 +10,7 @@ from . import comfy_bridge
 from .contexts import VDCLIPImageContext, VDCLIPTextContext, VDDualContextMixer
 from .image_tools import VDColorMatch
 from .loader import VDLoader
-from .model_patch import VDContextToConditioning, VDModelAsComfyModel
+from .conditioning import VDContextToConditioning
 from .samplers import VDImageToText, VDImageVariation, VDMultiContextSampler, VDTextToImage, VDTextVariation
 from .speed import VDSpeedUp
 from .text import VDOptimusTextDecode, VDOptimusTextEncode, VDTextLatentEdit
@@ -30,7 +30,6 @@ NODE_CLASSES = (
     VDOptimusTextEncode,
     VDTextLatentEdit,
     VDColorMatch,
-    VDModelAsComfyModel,
     VDContextToConditioning,
 )
 

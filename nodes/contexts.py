@@ -6,12 +6,15 @@ unconditional tokens guidance contrasts them with, and a mixing ratio (SPEC §4.
 
 from __future__ import annotations
 
+import weakref
+
 from ..vd_core.clip_context import CLIPContextEncoder
 from ..vd_core.errors import MissingPartError
 from ..vd_core.flows.context_builders import image_context, mix_contexts, text_context
 from . import comfy_bridge as bridge
 from .comfy_images import keep_mask_from_comfy, to_vd_images
 from .node_errors import reported_as, require_part
+from .parts import ManagedModule
 from .types import VD_CLIP, VD_CONTEXT, stored_context
 
 CATEGORY = "VersatileDiffusion/conditioning"
@@ -45,7 +48,7 @@ class VDCLIPTextContext:
     def encode(self, clip, prompt, negative):
         with reported_as(self.DISPLAY_NAME):
             part = require_part(clip, self.DISPLAY_NAME, "CLIP", "clip", "vd_clip")
-            context = text_context(part.use(), prompt, negative)
+            context = text_context(part.use("text"), prompt, negative)
             return ((stored_context(context),),)
 
 
@@ -91,12 +94,9 @@ class VDCLIPImageContext:
             if mask is not None:
                 keep = keep_mask_from_comfy(mask, images.shape[0], images.shape[2], images.shape[3])
             if clip is not None:
-                context = image_context(clip.use(), images, keep, focus=focus, weight=weight)
+                context = image_context(clip.use("vision"), images, keep, focus=focus, weight=weight)
             elif clip_vision is not None:
-                # ComfyUI's CLIP vision holds transformers-named vision weights; vd_core rebuilds the
-                # official encoder from them so preprocessing and projection follow SPEC §5.2.
-                encoder = CLIPContextEncoder.from_state_dict(clip_vision.get_sd(), device=bridge.offload_device())
-                context = image_context(bridge.managed(encoder).use(), images, keep, focus=focus, weight=weight)
+                context = image_context(_clip_vision_encoder(clip_vision).use(), images, keep, focus=focus, weight=weight)
             else:
                 raise MissingPartError(
                     f"{self.DISPLAY_NAME}: no image encoder is connected. Connect the VD Loader's vd_clip "
@@ -104,6 +104,23 @@ class VDCLIPImageContext:
                     "(ViT-L/14) to 'clip_vision'."
                 )
             return ((stored_context(context),),)
+
+
+# One encoder per core CLIP_VISION object (ComfyUI caches the loader's output between runs).
+_CLIP_VISION_ENCODERS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
+def _clip_vision_encoder(clip_vision) -> ManagedModule:
+    """VD's encoder over a core CLIP_VISION's weights, built once per CLIP_VISION object.
+
+    ComfyUI's CLIP vision holds transformers-named vision weights; vd_core rebuilds the official
+    encoder from them so preprocessing and projection follow SPEC §5.2.
+    """
+    managed = _CLIP_VISION_ENCODERS.get(clip_vision)
+    if managed is None:
+        encoder = CLIPContextEncoder.from_state_dict(clip_vision.get_sd(), device=bridge.offload_device())
+        managed = _CLIP_VISION_ENCODERS[clip_vision] = ManagedModule(encoder, "VD_CLIP_vision_from_CLIP_VISION")
+    return managed
 
 
 class VDDualContextMixer:

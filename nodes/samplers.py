@@ -15,13 +15,13 @@ import logging
 import torch
 
 from ..vd_core.contexts import GuidedContext
-from ..vd_core.errors import VDInputError
+from ..vd_core.errors import MissingPartError, VDInputError
 from ..vd_core.flows.context_builders import mix_contexts
 from ..vd_core.flows.options import SAMPLER_NAMES, SCHEDULER_NAMES, SamplingOptions
-from ..vd_core.flows.sampling import sample_image, sample_text
+from ..vd_core.flows.sampling import check_image_size, sample_text
 from ..vd_core.samplers import PerItemNoise
 from . import comfy_bridge as bridge
-from .node_errors import reported_as, require_part
+from .node_errors import reported_as
 from .types import MAX_SEED, STORAGE_DEVICE, VD_CONTEXT, VD_MODEL, VD_TEXT_LATENT
 
 log = logging.getLogger(__name__)
@@ -29,10 +29,15 @@ log = logging.getLogger(__name__)
 MAX_SIZE = 8192
 
 
-def sampling_inputs(context_tooltip: str) -> dict:
+IMAGE_MODEL_INPUT = ("MODEL", {"tooltip": (
+    "The VD Loader's model output (VD's image diffusion; LoRA and model-patch nodes may sit between).")})
+TEXT_MODEL_INPUT = (VD_MODEL, {"tooltip": "The VD Loader's text_model output (the text-flow diffuser)."})
+
+
+def sampling_inputs(model_input: tuple, context_tooltip: str) -> dict:
     """The inputs every VD sampler shares (defaults: the official WebUI's, SPEC §8)."""
     return {
-        "model": (VD_MODEL, {"tooltip": "The diffuser from the VD Loader (its vd_model output)."}),
+        "model": model_input,
         "context": (VD_CONTEXT, {"tooltip": context_tooltip}),
         "seed": ("INT", {"default": 20, "min": 0, "max": MAX_SEED, "control_after_generate": True, "tooltip": (
             "Random seed. Batch item i uses seed + i (seed + batch_index[i] for a latent that carries one).")}),
@@ -50,10 +55,10 @@ def sampling_inputs(context_tooltip: str) -> dict:
     }
 
 
-def _options(seed, steps, cfg, sampler, scheduler, eta, preview: bool) -> SamplingOptions:
+def _options(seed, steps, cfg, sampler, scheduler, eta, callback) -> SamplingOptions:
     return SamplingOptions(
         steps=steps, guidance=cfg, sampler=sampler, scheduler=scheduler, eta=eta if sampler == "ddim" else None, seed=seed,
-        per_item_seeds=True, callback=bridge.progress(steps, preview=preview), cancel=bridge.cancel_check(),
+        per_item_seeds=True, callback=callback, cancel=bridge.cancel_check(),
     )
 
 
@@ -61,6 +66,17 @@ def item_noise(seed: int, batch_index) -> PerItemNoise:
     """One generator per batch item, seeded ``seed + batch_index[i]`` (wrapping at 2⁶⁴ like the
     frontend's seed range)."""
     return PerItemNoise([(int(seed) + int(b)) % (MAX_SEED + 1) for b in batch_index])
+
+
+def require_text_model(model, display_name: str):
+    """The text-flow diffuser, or a `MissingPartError` naming the VD Loader widgets to set."""
+    if model is None:
+        raise MissingPartError(
+            f"{display_name}: no text-flow diffuser is loaded. In the VD Loader choose a diffuser and set "
+            "text_model to the context you use ('image' for Image to Text, 'text' for Text Variation), then "
+            "connect its text_model output here."
+        )
+    return model
 
 
 def _latent_batch(latent: dict, display_name: str) -> tuple[torch.Tensor, list[int]]:
@@ -78,8 +94,6 @@ def _latent_batch(latent: dict, display_name: str) -> tuple[torch.Tensor, list[i
             f"{display_name}: the latent has {samples.shape[0]} items but {len(batch_index)} batch indices; "
             "pass it through the batch nodes unchanged"
         )
-    if "noise_mask" in latent:
-        log.warning("%s: the latent's noise_mask is not used by VD's samplers (inpainting is not a VD flow)", display_name)
     return samples, batch_index
 
 
@@ -95,7 +109,7 @@ class _ImageSampler:
     @staticmethod
     def size_inputs() -> dict:
         def side(name):
-            return ("INT", {"default": 512, "min": 64, "max": MAX_SIZE, "step": 8, "tooltip": (
+            return ("INT", {"default": 512, "min": 8, "max": MAX_SIZE, "step": 8, "tooltip": (
                 f"Output {name} in pixels, a multiple of 8 (VD was trained at 512). Ignored when a latent is connected.")})
 
         return {
@@ -119,17 +133,24 @@ class _ImageSampler:
             latent=None, denoise=1.0):
         name = self.DISPLAY_NAME
         with reported_as(name):
-            part = require_part(model, name, "diffuser", "diffuser", "vd_model")
-            init, batch_index = None, list(range(batch_size))
+            if model is None:
+                raise MissingPartError(
+                    f"{name}: no image MODEL is loaded. In the VD Loader choose a diffuser and set image_model to "
+                    "the contexts you use ('text', 'image' or 'text+image'), then connect its model output here."
+                )
+            from .comfy_sampling import preview_callback, sample_image_latent
+
             if latent is not None:
                 samples, batch_index = _latent_batch(latent, name)
-                height, width = samples.shape[2] * 8, samples.shape[3] * 8
-                init = samples if denoise < 1.0 else None  # at 1 the latent only gives size and batch
-            options = _options(seed, steps, cfg, sampler, scheduler, eta, preview=True)
-            result = sample_image(
-                part.use(), context, width=width, height=height, n=len(batch_index), options=options,
-                init_latent=init, denoise=denoise, noise=item_noise(seed, batch_index),
-            )
+                noise_mask = latent.get("noise_mask")
+            else:
+                check_image_size(width, height)
+                channels = model.get_model_object("latent_format").latent_channels
+                samples = torch.zeros(batch_size, channels, height // 8, width // 8)
+                batch_index, noise_mask = list(range(batch_size)), None
+            options = _options(seed, steps, cfg, sampler, scheduler, eta, preview_callback(model, steps))
+            result = sample_image_latent(model, context, samples, options=options, noise=item_noise(seed, batch_index),
+                                         denoise=denoise if latent is not None else 1.0, noise_mask=noise_mask)
             out = dict(latent) if latent is not None else {}
             out["samples"] = result.to(STORAGE_DEVICE, torch.float32)
             return (out,)
@@ -146,7 +167,7 @@ class VDTextToImage(_ImageSampler):
     def INPUT_TYPES(cls):
         return {
             "required": {
-                **sampling_inputs("The context: VD CLIP Text Context, or a mixer's output."),
+                **sampling_inputs(IMAGE_MODEL_INPUT, "The context: VD CLIP Text Context, or a mixer's output."),
                 **cls.size_inputs(),
             },
             "optional": cls.image_to_image_inputs(),
@@ -169,7 +190,7 @@ class VDImageVariation(_ImageSampler):
     def INPUT_TYPES(cls):
         return {
             "required": {
-                **sampling_inputs("The image context from VD CLIP Image Context."),
+                **sampling_inputs(IMAGE_MODEL_INPUT, "The image context from VD CLIP Image Context."),
                 **cls.size_inputs(),
             },
             "optional": {
@@ -224,7 +245,7 @@ class VDMultiContextSampler(_ImageSampler):
 
     @classmethod
     def INPUT_TYPES(cls):
-        shared = sampling_inputs("")
+        shared = sampling_inputs(IMAGE_MODEL_INPUT, "")
         del shared["context"]
         slot_tooltip = "An image context (VD CLIP Image Context, with its mask, focus and weight)."
         return {
@@ -267,7 +288,7 @@ class _TextSampler:
     def INPUT_TYPES(cls):
         return {
             "required": {
-                **sampling_inputs(cls.CONTEXT_TOOLTIP),
+                **sampling_inputs(TEXT_MODEL_INPUT, cls.CONTEXT_TOOLTIP),
                 "count": ("INT", {"default": 4, "min": 1, "max": 64, "tooltip": (
                     "Number of text latents (the WebUI makes 4). Item i uses seed + i.")}),
             }
@@ -276,9 +297,10 @@ class _TextSampler:
     def sample(self, model, context, seed, steps, cfg, sampler, scheduler, eta, count):
         name = self.DISPLAY_NAME
         with reported_as(name):
-            part = require_part(model, name, "diffuser", "diffuser", "vd_model")
-            options = _options(seed, steps, cfg, sampler, scheduler, eta, preview=False)
-            latents = sample_text(part.use(), context, n=count, options=options, noise=item_noise(seed, range(count)))
+            part = require_text_model(model, name)
+            options = _options(seed, steps, cfg, sampler, scheduler, eta, bridge.progress(steps, preview=False))
+            model = part.use()
+            latents = sample_text(model, context, n=count, options=options, noise=item_noise(seed, range(count)))
             return (latents.to(STORAGE_DEVICE, torch.float32),)
 
 

@@ -60,4 +60,4 @@ class VDSpeedUp:
                 compile=compile and on_gpu,
                 cache_dir=DEFAULT_COMPILE_CACHE if compile and on_gpu else None,
             )
-            return (LoadedPart(fast, bridge.managed(fast), part.file),)
+            return (LoadedPart.manage(fast, "VD_text_flow_diffuser", part.file),)

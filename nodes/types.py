@@ -4,8 +4,9 @@ ComfyUI accepts any string as a socket type and passes any Python object along a
 uses five of its own:
 
 ==================  ===========================================================================
-``VD_MODEL``        :class:`LoadedPart` holding a ``vd_core`` ``FourFlowDiffuser``
-``VD_CLIP``         :class:`LoadedPart` holding a ``vd_core`` ``CLIPContextEncoder``
+``MODEL``           core's: VD's image flows on ComfyUI's SD 1.x UNet (``image_model.py``)
+``VD_MODEL``        :class:`LoadedPart` holding the text-flow part of the ``FourFlowDiffuser``
+``VD_CLIP``         :class:`LazyCLIP`: a CLIP file whose towers load when used
 ``VD_OPTIMUS``      :class:`LoadedPart` holding a ``vd_core`` ``OptimusVAE``
 ``VD_CONTEXT``      ``tuple[GuidedContext, ...]`` (``vd_core.contexts``), tensors on the CPU
 ``VD_TEXT_LATENT``  ``Tensor (n, L)`` float32 on the CPU: Optimus text latents (L = 768 full size)
@@ -17,11 +18,17 @@ these objects as immutable (build new ones, never edit in place).
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+import logging
+import os
+import threading
+from dataclasses import dataclass, field, replace
 
 import torch
 
 from ..vd_core.contexts import GuidedContext
+from .parts import ManagedModule
+
+log = logging.getLogger(__name__)
 
 VD_MODEL = "VD_MODEL"
 VD_CLIP = "VD_CLIP"
@@ -38,22 +45,49 @@ STORAGE_DEVICE = torch.device("cpu")
 
 @dataclass(frozen=True)
 class LoadedPart:
-    """One loaded model part and its handle in ComfyUI's memory management.
+    """One loaded model part (``VD_MODEL``: the text-flow diffuser; ``VD_OPTIMUS``).
 
     Attributes:
         module: the ``vd_core`` module, resting on the offload device.
-        managed: ``comfy_bridge.managed(module)``; its ``use()`` returns the module on the compute
-            device (ComfyUI may offload it again after the node has run).
+        managed: its `ManagedModule`.
         file: the loader choice the part came from (for messages).
     """
 
     module: torch.nn.Module
-    managed: object
+    managed: ManagedModule
     file: str
+
+    @classmethod
+    def manage(cls, module: torch.nn.Module, name: str, file: str) -> "LoadedPart":
+        return cls(module, ManagedModule(module, name), file)
 
     def use(self) -> torch.nn.Module:
         """:attr:`module`, loaded on the compute device by ComfyUI's memory management."""
         return self.managed.use()
+
+
+@dataclass
+class LazyCLIP:
+    """``VD_CLIP``: a CLIP ViT-L/14 file whose towers load on first use, each its own part (a text
+    →image graph never loads the 0.3 B-parameter vision tower, a variation graph not the text one).
+
+    ``load(tower)`` is ``vd_core.clip_loading.load_clip`` bound to the file, tokenizer and dtype.
+    """
+
+    path: os.PathLike
+    file: str
+    load: object
+    _towers: dict = field(default_factory=dict)
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def use(self, tower: str) -> torch.nn.Module:
+        """The ``CLIPContextEncoder`` holding ``tower`` ("text" or "vision") on the compute device."""
+        with self._lock:
+            if tower not in self._towers:
+                encoder = self.load(tower)
+                self._towers[tower] = ManagedModule(encoder, f"VD_CLIP_{tower}_tower")
+                log.info("VD CLIP: loaded the %s tower of %s", tower, self.file)
+        return self._towers[tower].use()
 
 
 def stored_context(context: GuidedContext) -> GuidedContext:

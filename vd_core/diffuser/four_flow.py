@@ -141,7 +141,7 @@ class FourFlowDiffuser(nn.Module):
         self._check_data(x, data_kind)
         mixing = [
             (self._context_blocks(c.kind), self._tokens(c, x), ratio)
-            for c, ratio in zip(contexts, _normalised_ratios(contexts))
+            for c, ratio in zip(contexts, normalised_ratios(contexts))
         ]
         if t.dim() == 0:
             t = t.expand(x.shape[0])
@@ -220,7 +220,7 @@ def _data_kind(x: torch.Tensor) -> Kind:
 # TorchDynamo cannot trace this numpy arithmetic (torch.compile fails on it), so it runs eagerly
 # and the compiled walk receives the ratios as inputs (symbolic after one recompilation).
 @torch.compiler.disable
-def _normalised_ratios(contexts: Sequence[ContextInput]) -> list[float]:
+def normalised_ratios(contexts: Sequence[ContextInput]) -> list[float]:
     """Ratios divided by their sum, in float64 as the official numpy code (SPEC §4.3)."""
     if not contexts:
         raise VDInputError("the diffuser needs at least one context")

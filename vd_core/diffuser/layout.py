@@ -218,3 +218,18 @@ def legacy_layout(keys: Iterable[str], kind: str) -> BlockLayout | None:
     if any(len(f) > 1 for f in flags):
         return None
     return BlockLayout(tuple(counts), tuple(True in f for f in flags))
+
+
+def sd_unet_prefixes(layout: BlockLayout, context_kind: str) -> dict[str, str]:
+    """Prefixes of :class:`FourFlowDiffuser` keys → Stable Diffusion 1.x UNet names, for the image
+    UNet with the context layers of one kind (``text.context_blocks.0.0.`` → ``input_blocks.1.1.``).
+
+    VD's image data layers plus one kind of context layers are exactly an SD 1.x UNet (SPEC §4.2):
+    this is the pre-2023 map with its ``model.diffusion_model.unet_<kind>.`` roots removed. The
+    image half supplies the data blocks and the time MLP, ``context_kind`` the context blocks.
+    """
+    names = {f"{LEGACY_ROOT}time_embed.": "time_embed."}
+    for kind, op in (("image", DATA), (context_kind, CONTEXT)):
+        root = f"{LEGACY_ROOT}unet_{kind}."
+        names.update({root + legacy: legacy for legacy, block_op in _legacy_block_names(layout) if block_op == op})
+    return {vd: names[legacy] for legacy, vd in legacy_key_map(layout).items() if legacy in names}

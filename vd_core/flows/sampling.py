@@ -149,7 +149,7 @@ def sample_image(
             )
         x0 = init_latent.to(device=device, dtype=dtype).expand(shape) * LATENT_SCALE
     eps = _guided_eps(diffuser, contexts, "image", n, options, device, dtype)
-    x = _sample(eps, torch.zeros(shape, device=device, dtype=dtype), options, noise or make_noise(options, n), x0, denoise)
+    x = run_sampler(eps, torch.zeros(shape, device=device, dtype=dtype), options, noise or make_noise(options, n), x0, denoise)
     return x / LATENT_SCALE
 
 
@@ -179,7 +179,7 @@ def sample_text(
     device, dtype = _placement(diffuser, options)
     eps = _guided_eps(diffuser, contexts, "text", n, options, device, dtype)
     like = torch.zeros(n, diffuser.config.text_latent_dim, device=device, dtype=dtype)
-    return _sample(eps, like, options, noise or make_noise(options, n), None, 1.0)
+    return run_sampler(eps, like, options, noise or make_noise(options, n), None, 1.0)
 
 
 def _placement(diffuser, options: SamplingOptions) -> tuple[torch.device, torch.dtype]:
@@ -210,8 +210,17 @@ def _guided_eps(diffuser, contexts, data_kind: ContextKind, n, options, device, 
     return GuidedEps(diffuser, cond, None if options.guidance == 1 else uncond, options.guidance)
 
 
-def _sample(eps, like: torch.Tensor, options: SamplingOptions, noise: NoiseSource, x0, denoise: float) -> torch.Tensor:
-    """Run the chosen sampler in diffusion space; ``x0`` (scaled) and ``denoise`` < 1 select img2img."""
+def run_sampler(eps, like: torch.Tensor, options: SamplingOptions, noise: NoiseSource, x0=None,
+                denoise: float = 1.0) -> torch.Tensor:
+    """Run the chosen sampler in diffusion space and return the final sample.
+
+    Args:
+        eps: ``EpsModel`` ``(x (B, ...), t (B,)) -> ε`` with guidance applied (a host may supply its
+            own, e.g. ComfyUI's guided denoiser).
+        like: a zero tensor of the sample's shape, dtype and device.
+        noise: the run's noise source; its first draw is the start noise (SPEC §7.4).
+        x0: optional scaled start latent; with ``denoise`` < 1 it selects image-to-image.
+    """
     if not 0.0 <= denoise <= 1.0:
         raise VDInputError(f"denoise must be between 0 and 1, got {denoise}; 1 starts from pure noise")
     from_x0 = x0 is not None and denoise < 1.0
