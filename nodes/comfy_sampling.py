@@ -13,6 +13,7 @@ guided denoiser, as a ``KSAMPLER`` function. VD's samplers work in the variance-
 from __future__ import annotations
 
 import comfy.sample
+import comfy.sampler_helpers
 import comfy.samplers
 import latent_preview
 import torch
@@ -100,9 +101,15 @@ def sample_image_latent(model, contexts, latent: torch.Tensor, *, options: Sampl
     model_sampling = model.get_model_object("model_sampling")
     sampler = comfy.samplers.KSAMPLER(
         _vd_sampler, extra_options={"options": options, "noise": StartNoise(first, noise), "denoise": denoise})
-    return comfy.sample.sample_custom(
+    samples = comfy.sample.sample_custom(
         model, first, options.guidance, sampler, visited_sigmas(options, denoise, model_sampling), positive, negative,
         start, noise_mask=noise_mask, callback=None, disable_pbar=True, seed=options.seed)
+    if noise_mask is not None:
+        # VD's DDIM ends one step short of x₀ (ᾱ_prev = ᾱ[0] < 1, SPEC §7.2), so the kept region
+        # would drift by √(1−ᾱ[0])·ε; put the input back there, as a sampler ending at σ = 0 would.
+        keep = 1.0 - comfy.sampler_helpers.prepare_mask(noise_mask, samples.shape, samples.device)
+        samples = samples * (1.0 - keep) + latent.to(samples) * keep
+    return samples
 
 
 def preview_callback(model, steps: int):

@@ -7,6 +7,8 @@ Node functions run inside ``torch.inference_mode()``, as ComfyUI's executor runs
 from __future__ import annotations
 
 import json
+import os
+import sys
 
 import numpy as np
 import pytest
@@ -28,18 +30,50 @@ def nodes(pack):
     return {name: cls() for name, cls in pack.NODE_CLASS_MAPPINGS.items()}
 
 
+def import_comfyui():
+    """ComfyUI imported in-process on the CPU from ``$VD_COMFYUI_DIR`` (pytest must run with that
+    ComfyUI's Python); None when the variable is unset. Idempotent."""
+    comfy_dir = os.environ.get("VD_COMFYUI_DIR")
+    if not comfy_dir:
+        return None
+    if comfy_dir not in sys.path:
+        sys.path.insert(0, comfy_dir)  # before the repository root, so that `nodes` is ComfyUI's nodes.py
+    argv, sys.argv = sys.argv, [sys.argv[0], "--cpu"]  # ComfyUI parses the command line on import
+    try:
+        import comfy.options
+
+        comfy.options.enable_args_parsing()
+        import comfy.model_management  # noqa: F401  (reads the arguments once)
+        import folder_paths
+    finally:
+        sys.argv = argv
+    return folder_paths
+
+
 @pytest.fixture(scope="session")
-def parts(nodes, release_dir):
-    """(vd_model, vd_clip, vd_optimus, vae) of the release-layout miniature, loaded by the VD Loader
-    with file paths (outside ComfyUI the bridge takes names as paths)."""
+def comfy(pack, release_dir):
+    """ComfyUI's ``folder_paths`` with the release miniature registered as a model folder
+    (``versatile_diffusion`` and ``clip_vision``), so node inputs are file names as in ComfyUI's lists.
+    Skips without ComfyUI."""
+    folder_paths = import_comfyui()
+    if folder_paths is None:
+        pytest.skip("set VD_COMFYUI_DIR to a ComfyUI work tree (and run pytest with its Python) to test inside ComfyUI")
+    pack.nodes.comfy_bridge.register_model_folders()
+    for folder in ("versatile_diffusion", "clip_vision"):
+        folder_paths.add_model_folder_path(folder, str(release_dir))
+    return folder_paths
+
+
+RELEASE_FILES = dict(diffuser="vd-four-flow-v1-0-fp16.pth", optimus="optimus-vae.pth", clip="clip-vit-large-patch14",
+                     image_vae="kl-f8.pth")
+
+
+@pytest.fixture(scope="session")
+def parts(nodes, comfy):
+    """(model, text_model, vd_clip, vd_optimus, vae) of the release-layout miniature, loaded by the VD
+    Loader inside ComfyUI with both kinds of context layers for both flows."""
     with torch.inference_mode():
-        return nodes["VDLoader"].load(
-            diffuser=str(release_dir / "vd-four-flow-v1-0-fp16.pth"),
-            optimus=str(release_dir / "optimus-vae.pth"),
-            clip=str(release_dir / "clip-vit-large-patch14"),
-            image_vae=str(release_dir / "kl-f8.pth"),
-            dtype="fp32",
-        )
+        return nodes["VDLoader"].load(image_model="text+image", text_model="text+image", dtype="fp32", **RELEASE_FILES)
 
 
 @pytest.fixture(scope="session")

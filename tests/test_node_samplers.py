@@ -1,4 +1,5 @@
-"""The VD sampler nodes against the official 10-step DDIM runs on the release-layout miniature.
+"""The VD sampler nodes, inside ComfyUI, against the official 10-step DDIM runs on the release-layout
+miniature (the image flows through the loader's core MODEL and ComfyUI's sampling).
 
 The official runs draw the initial latent of a batch of 2 after ``torch.manual_seed(s)``; with
 the nodes' per-item seeds, item 0 at seed ``s`` draws the same numbers (the first row of that
@@ -31,29 +32,41 @@ def contexts(nodes, parts, expected, release_dir):
     image_node = nodes["VDCLIPImageContext"]
     with torch.inference_mode():
         return {
-            "prompt0": nodes["VDCLIPTextContext"].encode(parts[1], prompts[0], "")[0],
-            "prompt1": nodes["VDCLIPTextContext"].encode(parts[1], prompts[1], "")[0],
-            "prompt2": nodes["VDCLIPTextContext"].encode(parts[1], prompts[2], "")[0],
-            "image0": image_node.encode(comfy_image(release_dir / "expected" / "image_0.png"), 0.5, 1.0, clip=parts[1])[0],
-            "image1": image_node.encode(comfy_image(release_dir / "expected" / "image_1.png"), 0.5, 1.0, clip=parts[1])[0],
+            "prompt0": nodes["VDCLIPTextContext"].encode(parts[2], prompts[0], "")[0],
+            "prompt1": nodes["VDCLIPTextContext"].encode(parts[2], prompts[1], "")[0],
+            "prompt2": nodes["VDCLIPTextContext"].encode(parts[2], prompts[2], "")[0],
+            "image0": image_node.encode(comfy_image(release_dir / "expected" / "image_0.png"), 0.5, 1.0, clip=parts[2])[0],
+            "image1": image_node.encode(comfy_image(release_dir / "expected" / "image_1.png"), 0.5, 1.0, clip=parts[2])[0],
         }
+
+
+@pytest.fixture(scope="module")
+def latent_shape(expected):
+    """(C, h, w) of the official image runs' latents (ddim.json), whose pixel size the tests use."""
+    return tuple(expected["json"]["ddim"]["t2i"]["shape"][1:])
+
+
+@pytest.fixture(autouse=True)
+def _official_size(latent_shape):
+    global WIDTH, HEIGHT
+    HEIGHT, WIDTH = latent_shape[1] * 8, latent_shape[2] * 8
 
 
 def _image_latent(nodes, node_id, parts, context, seed, **kw):
     (latent,) = getattr(nodes[node_id], nodes[node_id].FUNCTION)(
         parts[0], context, seed, DDIM["steps"], DDIM["cfg"], DDIM["sampler"], DDIM["scheduler"], DDIM["eta"],
-        kw.pop("width", 64), kw.pop("height", 64), kw.pop("batch_size", 1), **kw)
+        kw.pop("width", WIDTH), kw.pop("height", HEIGHT), kw.pop("batch_size", 1), **kw)
     return latent
 
 
 def test_text_to_image_matches_official(nodes, parts, contexts, expected):
     latent = _image_latent(nodes, "VDTextToImage", parts, contexts["prompt0"], 100)
     samples = latent["samples"]
-    assert set(latent) == {"samples"} and samples.shape == (1, 4, 8, 8)
+    assert set(latent) == {"samples"} and samples.shape == (1, *tuple(expected['json']['ddim']['t2i']['shape'][1:]))
     assert samples.dtype == torch.float32 and samples.device.type == "cpu"
     official = expected["ddim_t2i"]
     assert_close_ref(samples * LATENT_SCALE, official["x_final"][:1], 1e-3, "text→image latent")
-    assert_close_ref(parts[3].decode(samples), official["images"][:1].permute(0, 2, 3, 1), 1e-3, "decoded image")
+    assert_close_ref(parts[4].decode(samples), official["images"][:1].permute(0, 2, 3, 1), 1e-3, "decoded image")
 
 
 def test_image_variation_matches_official(nodes, parts, contexts, expected):
@@ -73,34 +86,34 @@ def test_dual_context_matches_official(nodes, parts, contexts, expected):
     ("VDTextVariation", "prompt1", 103, "ddim_t2t"),
 ])
 def test_text_flows_match_official(nodes, parts, contexts, expected, node_id, context, seed, case):
-    (latents,) = nodes[node_id].sample(parts[0], contexts[context], seed, *DDIM.values(), 1)
+    (latents,) = nodes[node_id].sample(parts[1], contexts[context], seed, *DDIM.values(), 1)
     assert latents.dtype == torch.float32 and latents.device.type == "cpu"
     assert_close_ref(latents, expected[case]["x_final"][:1], 1e-2, case)
 
 
-def test_batch_items_use_seed_plus_batch_index(nodes, parts, contexts):
+def test_batch_items_use_seed_plus_batch_index(nodes, parts, contexts, latent_shape):
     context = contexts["prompt0"]
     batch = _image_latent(nodes, "VDTextToImage", parts, context, 5, batch_size=2)["samples"]
-    assert batch.shape == (2, 4, 8, 8) and not torch.allclose(batch[0], batch[1])
+    assert batch.shape == (2, *latent_shape) and not torch.allclose(batch[0], batch[1])
     alone = _image_latent(nodes, "VDTextToImage", parts, context, 6)["samples"]
     assert_close_ref(alone, batch[1:], 1e-5, "item 1 vs a run with seed + 1")
     # A latent from Latent From Batch carries batch_index; the dict's other keys pass through.
-    picked = {"samples": torch.zeros(1, 4, 8, 8), "batch_index": [1], "note": "kept"}
+    picked = {"samples": torch.zeros(1, *latent_shape), "batch_index": [1], "note": "kept"}
     out = _image_latent(nodes, "VDTextToImage", parts, context, 5, latent=picked, denoise=1.0)
     assert out["batch_index"] == [1] and out["note"] == "kept"
     assert_close_ref(out["samples"], batch[1:], 1e-5, "batch_index item")
 
 
-def test_latent_sets_size_and_fidelity_one_returns_it(nodes, parts, contexts, pack):
-    start = {"samples": torch.randn(2, 4, 6, 10, generator=torch.Generator().manual_seed(0))}
+def test_latent_sets_size_and_fidelity_one_returns_it(nodes, parts, contexts, pack, latent_shape):
+    start = {"samples": torch.randn(2, latent_shape[0], 6, 10, generator=torch.Generator().manual_seed(0))}
     out = _image_latent(nodes, "VDImageVariation", parts, contexts["image0"], 1, latent=start, fidelity=1.0)
-    assert out["samples"].shape == (2, 4, 6, 10)  # the latent's size and batch, not the widgets'
+    assert out["samples"].shape == (2, latent_shape[0], 6, 10)  # the latent's size and batch, not the widgets'
     assert_close_ref(out["samples"], start["samples"], 1e-5, "fidelity 1 keeps the input")
     with pytest.raises(pack.vd_core.errors.VDInputError, match=r"^VD Image Variation: .*latent"):
         _image_latent(nodes, "VDImageVariation", parts, contexts["image0"], 1, fidelity=0.5)
 
 
-def test_multi_context_joins_image_slots(nodes, parts, contexts, pack):
+def test_multi_context_joins_image_slots(nodes, parts, contexts, pack, latent_shape):
     join = pack.nodes.samplers.join_image_slots
     joined = join((contexts["image0"], None, contexts["image1"]), contexts["prompt0"], 0.4)
     assert [(c.kind, round(c.ratio, 6)) for c in joined] == [("text", 0.4), ("image", 0.6)]
@@ -111,44 +124,65 @@ def test_multi_context_joins_image_slots(nodes, parts, contexts, pack):
     with pytest.raises(pack.vd_core.errors.VDInputError, match="image contexts only"):
         join((contexts["prompt0"],), None, 0.0)
     (latent,) = nodes["VDMultiContextSampler"].sample(
-        parts[0], contexts["image0"], 3, *DDIM.values(), 64, 64, 2, 0.4, image_2=contexts["image1"],
+        parts[0], contexts["image0"], 3, *DDIM.values(), WIDTH, HEIGHT, 2, 0.4, image_2=contexts["image1"],
         text=contexts["prompt0"])
-    assert latent["samples"].shape == (2, 4, 8, 8) and torch.isfinite(latent["samples"]).all()
+    assert latent["samples"].shape == (2, *latent_shape) and torch.isfinite(latent["samples"]).all()
 
 
 def test_sampler_failures_name_the_node(nodes, parts, contexts, pack, monkeypatch):
     errors = pack.vd_core.errors
-    with pytest.raises(errors.MissingPartError, match=r"^VD Text to Image: .*'diffuser'"):
+    with pytest.raises(errors.MissingPartError, match=r"^VD Text to Image: .*image_model"):
         _image_latent(nodes, "VDTextToImage", [None], contexts["prompt0"], 1)
+    with pytest.raises(errors.MissingPartError, match=r"^VD Image to Text: .*text_model"):
+        nodes["VDImageToText"].sample(None, contexts["image0"], 1, *DDIM.values(), 1)
 
     def out_of_memory(*args, **kwargs):
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
 
-    monkeypatch.setattr(pack.nodes.samplers, "sample_image", out_of_memory)
+    monkeypatch.setattr(pack.nodes.comfy_sampling, "sample_image_latent", out_of_memory)
     with pytest.raises(torch.OutOfMemoryError, match=r"^VD Text to Image: .*batch size or the resolution"):
         _image_latent(nodes, "VDTextToImage", parts, contexts["prompt0"], 1)
 
 
 def test_cancel_stops_sampling(nodes, parts, contexts, pack, monkeypatch):
-    # Outside ComfyUI the bridge re-raises a cancel as vd_core's Cancelled (inside: "interrupted").
+    import comfy.model_management as mm
+
+    # A cancel reaches ComfyUI as its own "interrupted" exception, not as an error.
     monkeypatch.setattr(pack.nodes.comfy_bridge, "cancel_check", lambda: (lambda: True))
-    with pytest.raises(pack.vd_core.errors.Cancelled):
+    with pytest.raises(mm.InterruptProcessingException):
         _image_latent(nodes, "VDTextToImage", parts, contexts["prompt0"], 1)
 
 
+def test_noise_mask_keeps_the_masked_out_region(nodes, parts, contexts, latent_shape):
+    """A LATENT's noise_mask is honoured as KSampler honours it: where it is 0 the input latent stays."""
+    start = torch.randn(1, *latent_shape, generator=torch.Generator().manual_seed(0))
+    half = latent_shape[2] // 2
+    mask = torch.zeros(1, 1, HEIGHT, WIDTH)
+    mask[..., :, half * 8:] = 1.0  # redraw the right half only
+    out = _image_latent(nodes, "VDTextToImage", parts, contexts["prompt0"], 3,
+                        latent={"samples": start, "noise_mask": mask}, denoise=0.6)["samples"]
+    assert torch.allclose(out[..., :half], start[..., :half], atol=1e-5)
+    assert (out[..., half:] - start[..., half:]).abs().max() > 0.1
+
+
+def test_any_multiple_of_eight(nodes, parts, contexts):
+    """Sides that are multiples of 8 px but not of the UNet's total downsampling (e.g. 16:9) sample."""
+    factor = 2 ** (len(parts[0].model.diffusion_model.channel_mult) - 1) * 8  # px per deepest-level cell
+    width, height = 5 * factor + 8, 3 * factor - 8
+    out = _image_latent(nodes, "VDTextToImage", parts, contexts["prompt0"], 1, width=width, height=height)
+    assert out["samples"].shape[2:] == (height // 8, width // 8) and torch.isfinite(out["samples"]).all()
+
+
 def test_speed_up_keeps_the_official_results(nodes, parts, contexts, expected, pack):
-    """VD Speed Up on the CPU: the samplers run the wrapped diffuser and still reproduce the
+    """VD Speed Up on the CPU: the text samplers run the wrapped diffuser and still reproduce the
     official runs; a second Speed Up re-wraps the diffuser instead of stacking wrappers."""
     speed_up = nodes["VDSpeedUp"].speed_up
-    (fast,) = speed_up(parts[0], True, False)
+    (fast,) = speed_up(parts[1], True, False)
     accelerated = pack.vd_core.acceleration.AcceleratedDiffuser
-    assert isinstance(fast.module, accelerated) and fast.module.diffuser is parts[0].module
+    assert isinstance(fast.module, accelerated) and fast.module.diffuser is parts[1].module
     assert not fast.module.cuda_graphs and not fast.module.channels_last  # no GPU: plain computation
     (again,) = speed_up(fast, True, True)
-    assert again.module.diffuser is parts[0].module
-    fast_parts = (fast, *parts[1:])
-    latent = _image_latent(nodes, "VDTextToImage", fast_parts, contexts["prompt0"], 100)
-    assert_close_ref(latent["samples"] * LATENT_SCALE, expected["ddim_t2i"]["x_final"][:1], 1e-3, "sped-up text→image")
+    assert again.module.diffuser is parts[1].module
     (latents,) = nodes["VDImageToText"].sample(fast, contexts["image1"], 102, *DDIM.values(), 1)
     assert_close_ref(latents, expected["ddim_i2t"]["x_final"][:1], 1e-2, "sped-up image→text")
     with pytest.raises(pack.vd_core.errors.MissingPartError, match=r"^VD Speed Up: .*'diffuser'"):

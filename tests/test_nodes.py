@@ -1,7 +1,7 @@
 """The pack's entry point, node definitions, loader, context, text and image nodes.
 
-Runs without ComfyUI (the bridge's fallbacks) on the release-layout miniature
-(``tiny_release/``); numbers are compared with the official outputs in ``tiny_release/expected``
+Runs inside ComfyUI (``$VD_COMFYUI_DIR``, see node_fixtures.py) on the release-layout miniature
+(``tiny_release/``), loaded through the VD Loader; numbers are compared with the official outputs in ``tiny_release/expected``
 and ``tiny/`` (tolerances: vd_reference README, "Determinism and tolerances").
 """
 
@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from conftest import assert_close_ref, load_tensors
-from node_fixtures import comfy_image, first_context
+from node_fixtures import RELEASE_FILES, comfy_image, first_context
 
 EXPECTED_NODES = {
     "VDLoader", "VDCLIPTextContext", "VDCLIPImageContext", "VDDualContextMixer", "VDTextToImage", "VDImageVariation",
@@ -73,34 +73,60 @@ def test_every_node_is_fully_described(pack):
 
 
 def test_loader_outputs_and_image_vae(parts, expected):
-    vd_model, vd_clip, vd_optimus, vae = parts
-    assert type(vd_model.module).__name__ == "FourFlowDiffuser"
-    assert type(vd_clip.module).__name__ == "CLIPContextEncoder"
+    model, text_model, vd_clip, vd_optimus, vae = parts
+    assert type(model.model).__name__ == "VDImageModel"  # a core MODEL: ModelPatcher over a BaseModel
+    assert type(model.model.diffusion_model).__name__ == "MultiContextUNet"  # text+image was asked for
+    diffuser = text_model.module
+    assert type(diffuser).__name__ == "FourFlowDiffuser"
+    assert diffuser.parts.text_data and not diffuser.parts.image_data  # the image side lives in the MODEL
+    assert type(vd_clip).__name__ == "LazyCLIP"
     assert type(vd_optimus.module).__name__ == "OptimusVAE"
     # The VAE output is what core VAE Decode calls: unscaled latent → (B, H, W, 3).
     images = vae.decode(expected["inputs"]["vae_latent"] / LATENT_SCALE)
     assert_close_ref(images, expected["vae"]["decode"].permute(0, 2, 3, 1), 1e-4, "VAE decode")
 
 
+def test_loader_loads_only_what_is_chosen(nodes, comfy, release_dir):
+    from safetensors.torch import load_file
+
+    loader = nodes["VDLoader"]
+    model, text_model, clip, *_ = loader.load(RELEASE_FILES["diffuser"], "text", "none", "none",
+                                              RELEASE_FILES["clip"], "none", "fp32")
+    assert text_model is None and type(model.model.diffusion_model).__name__ == "UNetModel"  # core's own UNet
+    # time MLP + image data layers + text context layers, one to one with the file's tensors
+    keys = set(model.model.diffusion_model.state_dict())
+    file_keys = torch.load(release_dir / RELEASE_FILES["diffuser"], weights_only=True).keys()
+    wanted = [k for k in file_keys if k.startswith(("diffuser.image.time_embed.", "diffuser.image.data_blocks.",
+                                                    "diffuser.text.context_blocks."))]
+    assert len(keys) == len(wanted) and not any("secondary" in k for k in keys)
+    assert clip._towers == {}  # no tower until a context node asks for one
+    nodes["VDCLIPTextContext"].encode(clip, "a house", "")
+    assert set(clip._towers) == {"text"}
+    weights = load_file(str(release_dir / RELEASE_FILES["clip"] / "model.safetensors"))
+    text_tower = sum(v.numel() for k, v in weights.items()
+                     if k.startswith(("text_model.", "text_projection.")) and v.is_floating_point())
+    assert sum(p.numel() for p in clip._towers["text"].module.parameters()) == text_tower  # no vision weights
+
+
 def test_loader_parts_are_optional(nodes):
-    assert nodes["VDLoader"].load("none", "none", "none", "none", "auto") == (None, None, None, None)
+    assert nodes["VDLoader"].load("none", "text", "image", "none", "none", "none", "auto") == (None,) * 5
 
 
-def test_loader_reports_missing_and_wrong_files(nodes, pack, release_dir, tmp_path):
+def test_loader_reports_missing_and_wrong_files(nodes, pack, comfy):
     errors = pack.vd_core.errors
     with pytest.raises(errors.CheckpointError, match=r"^VD Loader: .*no-such-file\.pth"):
-        nodes["VDLoader"].load(str(tmp_path / "no-such-file.pth"), "none", "none", "none", "auto")
+        nodes["VDLoader"].load("no-such-file.pth", "text", "none", "none", "none", "none", "auto")
     with pytest.raises(errors.CheckpointError, match=r"^VD Loader: "):  # the VAE file is not a diffuser
-        nodes["VDLoader"].load(str(release_dir / "kl-f8.pth"), "none", "none", "none", "auto")
+        nodes["VDLoader"].load(RELEASE_FILES["image_vae"], "text", "none", "none", "none", "none", "auto")
 
 
-def test_loader_is_changed_follows_inputs(pack, release_dir):
+def test_loader_is_changed_follows_inputs(pack, comfy):
     loader = pack.NODE_CLASS_MAPPINGS["VDLoader"]
-    args = dict(diffuser=str(release_dir / "vd-four-flow-v1-0-fp16.pth"), optimus="none", clip="none",
-                image_vae=str(release_dir / "kl-f8.pth"), dtype="fp32")
+    args = dict(diffuser=RELEASE_FILES["diffuser"], image_model="text", text_model="none", optimus="none",
+                clip="none", image_vae=RELEASE_FILES["image_vae"], dtype="fp32")
     assert loader.IS_CHANGED(**args) == loader.IS_CHANGED(**args)
-    assert loader.IS_CHANGED(**args) != loader.IS_CHANGED(**{**args, "dtype": "fp16"})
-    assert loader.IS_CHANGED(**args) != loader.IS_CHANGED(**{**args, "image_vae": "none"})
+    for change in ({"dtype": "fp16"}, {"image_vae": "none"}, {"image_model": "image"}, {"text_model": "text"}):
+        assert loader.IS_CHANGED(**args) != loader.IS_CHANGED(**{**args, **change}), change
 
 
 # ----------------------------------------------------------------------------- contexts
@@ -108,7 +134,7 @@ def test_loader_is_changed_follows_inputs(pack, release_dir):
 
 def test_text_context_matches_official(nodes, parts, expected):
     prompts = expected["json"]["clip"]["prompts"]
-    context = first_context(nodes["VDCLIPTextContext"].encode(parts[1], prompts[0], ""))
+    context = first_context(nodes["VDCLIPTextContext"].encode(parts[2], prompts[0], ""))
     assert context.kind == "text"
     assert_close_ref(context.cond, expected["clip"]["text_ctx"][:1], 1e-4, "text cond")
     assert_close_ref(context.uncond, expected["clip"]["text_ctx_empty"], 1e-4, "empty-prompt uncond")
@@ -117,7 +143,7 @@ def test_text_context_matches_official(nodes, parts, expected):
 def test_image_context_matches_official(nodes, parts, expected, release_dir):
     node = nodes["VDCLIPImageContext"]
     for i in range(2):  # image_1 is 80×112: the official resize + centre crop
-        context = first_context(node.encode(comfy_image(release_dir / "expected" / f"image_{i}.png"), 0.5, 1.0, clip=parts[1]))
+        context = first_context(node.encode(comfy_image(release_dir / "expected" / f"image_{i}.png"), 0.5, 1.0, clip=parts[2]))
         assert context.kind == "image"
         assert_close_ref(context.cond, expected["clip"]["image_ctx"][i : i + 1], 1e-4, f"image {i} cond")
         assert torch.count_nonzero(context.uncond) == 0  # SPEC §8: zeros for image variation
@@ -130,7 +156,7 @@ def test_comfy_mask_is_inverted(nodes, parts, expected, release_dir, pack):
     image = comfy_image(release_dir / "expected" / "image_0.png")
 
     def cond(mask):
-        return first_context(node.encode(image, 0.5, 1.0, clip=parts[1], mask=mask)).cond[0]
+        return first_context(node.encode(image, 0.5, 1.0, clip=parts[2], mask=mask)).cond[0]
 
     nothing_masked = cond(torch.zeros(1, 64, 64))
     assert_close_ref(nothing_masked[None], expected["clip"]["image_ctx"][:1], 1e-4, "mask of zeros")
@@ -168,8 +194,8 @@ def test_image_context_needs_an_encoder(nodes, pack, release_dir):
 
 
 def test_dual_context_mixer_sets_ratios(nodes, parts, release_dir):
-    text = nodes["VDCLIPTextContext"].encode(parts[1], "a house", "")[0]
-    image = nodes["VDCLIPImageContext"].encode(comfy_image(release_dir / "expected" / "image_0.png"), 0.5, 1.0, clip=parts[1])[0]
+    text = nodes["VDCLIPTextContext"].encode(parts[2], "a house", "")[0]
+    image = nodes["VDCLIPImageContext"].encode(comfy_image(release_dir / "expected" / "image_0.png"), 0.5, 1.0, clip=parts[2])[0]
     (mixed,) = nodes["VDDualContextMixer"].mix(image, 0.7, text, 0.3)
     assert [(c.kind, round(c.ratio, 6)) for c in mixed] == [("image", 0.7), ("text", 0.3)]
     (only_image,) = nodes["VDDualContextMixer"].mix(image, 1.0, text, 0.0, context_3=None)
@@ -182,7 +208,7 @@ def test_dual_context_mixer_sets_ratios(nodes, parts, release_dir):
 def test_optimus_decode_greedy_matches_official(nodes, parts, expected):
     node = nodes["VDOptimusTextDecode"]
     assert node.OUTPUT_NODE
-    out = node.decode(parts[2], expected["inputs"]["optimus_latents"], "greedy", 1.0, 0, 30, False)
+    out = node.decode(parts[3], expected["inputs"]["optimus_latents"], "greedy", 1.0, 0, 30, False)
     official = expected["json"]["optimus"]["greedy"]["strings"]
     assert out["result"] == ("\n".join(official),)
     assert out["ui"] == {"text": ["\n".join(official)]}
@@ -190,15 +216,15 @@ def test_optimus_decode_greedy_matches_official(nodes, parts, expected):
 
 def test_optimus_decode_sampling_is_seeded_per_sentence(nodes, parts, expected):
     node, latents = nodes["VDOptimusTextDecode"], expected["inputs"]["optimus_latents"]
-    both = node.decode(parts[2], latents, "sample", 1.0, 7, 30, True)["result"][0].split("\n")
-    second = node.decode(parts[2], latents[1:], "sample", 1.0, 8, 30, True)["result"][0]
+    both = node.decode(parts[3], latents, "sample", 1.0, 7, 30, True)["result"][0].split("\n")
+    second = node.decode(parts[3], latents[1:], "sample", 1.0, 8, 30, True)["result"][0]
     assert len(both) == 2 and all(isinstance(s, str) for s in both)
     assert both[1] == second  # sentence i uses seed + i
 
 
 def test_optimus_encode_matches_official(nodes, parts, expected):
     texts = expected["json"]["optimus"]["encode_texts"]
-    (latents,) = nodes["VDOptimusTextEncode"].encode(parts[2], "\n".join(texts) + "\n\n")
+    (latents,) = nodes["VDOptimusTextEncode"].encode(parts[3], "\n".join(texts) + "\n\n")
     assert latents.dtype == torch.float32 and latents.device.type == "cpu"
     assert_close_ref(latents, expected["optimus"]["encode_latent"], 1e-4, "Optimus encode")
 
@@ -206,15 +232,15 @@ def test_optimus_encode_matches_official(nodes, parts, expected):
 def test_text_latent_edit_follows_spec(nodes, parts, expected, pack):
     """SPEC §10 step 3: remove each latent's projection on n/‖n‖, then add p."""
     z = expected["inputs"]["optimus_latents"]
-    (p,) = nodes["VDOptimusTextEncode"].encode(parts[2], "a tall castle")
-    (n,) = nodes["VDOptimusTextEncode"].encode(parts[2], "a white house")
-    (edited,) = nodes["VDTextLatentEdit"].edit(parts[2], z, "a tall castle", "a white house")
+    (p,) = nodes["VDOptimusTextEncode"].encode(parts[3], "a tall castle")
+    (n,) = nodes["VDOptimusTextEncode"].encode(parts[3], "a white house")
+    (edited,) = nodes["VDTextLatentEdit"].edit(parts[3], z, "a tall castle", "a white house")
     unit = n[0] / n[0].norm()
     assert_close_ref(edited, z - (z @ unit)[:, None] * unit + p, 1e-5, "edited latents")
-    (only_added,) = nodes["VDTextLatentEdit"].edit(parts[2], z, "a tall castle", "")
+    (only_added,) = nodes["VDTextLatentEdit"].edit(parts[3], z, "a tall castle", "")
     assert_close_ref(only_added, z + p, 1e-5, "no negative")
     with pytest.raises(pack.vd_core.errors.VDInputError, match=r"^VD Text Latent Edit: "):
-        nodes["VDTextLatentEdit"].edit(parts[2], z, " ", "a white house")
+        nodes["VDTextLatentEdit"].edit(parts[3], z, " ", "a white house")
 
 
 def test_text_nodes_name_the_missing_loader_input(nodes, pack, expected):
