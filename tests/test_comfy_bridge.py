@@ -1,12 +1,7 @@
-"""The ComfyUI bridge without ComfyUI (its fallbacks), VD as a core MODEL (`nodes/model_patch.py`),
-and, optionally, both inside a real ComfyUI.
+"""The ComfyUI bridge without ComfyUI (its fallbacks) and inside a real ComfyUI.
 
-CI has no ComfyUI, so most tests pin the plain fallbacks every node relies on there, and check the
-KSampler path's numerics by calling the UNet adapter the way ComfyUI's BaseModel does (cond and
-uncond batched or separate, primary tokens repeat-padded) against the official outputs in
-``tiny_release/expected``.
-
-The last tests run inside ComfyUI when ``$VD_COMFYUI_DIR`` names a ComfyUI work tree and pytest
+The first tests pin the plain fallbacks the pack uses where ComfyUI is absent (scripts, the plain
+test run); they skip where ComfyUI is importable. The last tests run inside ComfyUI when ``$VD_COMFYUI_DIR`` names a ComfyUI work tree and pytest
 runs with that ComfyUI's Python (docs/comfyui.md):
 ``VD_COMFYUI_DIR=/tmp/ComfyUI /tmp/venv-comfy/bin/python -m pytest -q tests/test_comfy_bridge.py``.
 """
@@ -14,21 +9,11 @@ runs with that ComfyUI's Python (docs/comfyui.md):
 from __future__ import annotations
 
 import importlib
-import os
-import sys
-
-from types import SimpleNamespace
 
 import pytest
 import torch
 
 from conftest import assert_close_ref, load_tensors
-from pack_import import import_pack
-
-
-@pytest.fixture(scope="module")
-def pack():
-    return import_pack()
 
 
 @pytest.fixture(scope="module")
@@ -40,8 +25,8 @@ def bridge(pack):
 
 
 @pytest.fixture(scope="module")
-def model_patch(pack):
-    return importlib.import_module("vd_pack.nodes.model_patch")
+def comfy_vae(pack):
+    return importlib.import_module("vd_pack.nodes.comfy_vae")
 
 
 @pytest.fixture(scope="module")
@@ -106,25 +91,13 @@ def test_pick_dtype_rejects_unknown_choices(bridge, errors):
         bridge.pick_dtype("fp8", "cpu")
 
 
-def test_managed_module_fallback_returns_the_module_itself(bridge):
+def test_managed_module_fallback_returns_the_module_itself(pack, bridge):
+    parts = importlib.import_module("vd_pack.nodes.parts")
     module = torch.nn.Linear(2, 2)
-    handle = bridge.managed(module)
+    handle = parts.ManagedModule(module, "test_part")
     assert handle.patcher is None
     assert handle.use() is module
     assert next(module.parameters()).device.type == bridge.compute_device().type
-    with bridge.managed(module) as inside:
-        assert inside is module
-
-
-def test_ensure_on_device_moves_only_when_needed(bridge):
-    module = torch.nn.Linear(2, 2)
-    moves = []
-    move = module.to
-    module.to = lambda *args, **kwargs: moves.append(args) or move(*args, **kwargs)
-    bridge.ensure_on_device(module, torch.device("cpu"))  # already there: not moved
-    assert moves == []
-    bridge.ensure_on_device(module, torch.device("meta"))
-    assert moves == [(torch.device("meta"),)] and module.weight.is_meta
 
 
 # ------------------------------------------------------------------------- progress and interrupts
@@ -148,8 +121,8 @@ def kl_f8_state(pack, release_dir):
     return checkpoint.read_state_dict(release_dir / "kl-f8.pth", what="kl-f8")
 
 
-def test_core_vae_fallback_decodes_channels_last(bridge, kl_f8_state, expected):
-    vae = bridge.core_vae(kl_f8_state)
+def test_core_vae_fallback_decodes_channels_last(bridge, comfy_vae, kl_f8_state, expected):
+    vae = comfy_vae.core_vae(kl_f8_state)
     latent = load_tensors(expected / "inputs.safetensors")["vae_latent"]  # scaled, as the official decoder takes it
     reference = load_tensors(expected / "vae.safetensors")["decode"]  # (1, 3, 64, 64)
     images = vae.decode(latent / 0.18215)  # the LATENT convention: unscaled
@@ -157,8 +130,8 @@ def test_core_vae_fallback_decodes_channels_last(bridge, kl_f8_state, expected):
     assert_close_ref(images.movedim(-1, 1), reference, 1e-4, "core_vae fallback decode")
 
 
-def test_core_vae_fallback_encodes_with_comfyui_cropping(bridge, kl_f8_state, expected):
-    vae = bridge.core_vae(kl_f8_state)
+def test_core_vae_fallback_encodes_with_comfyui_cropping(bridge, comfy_vae, kl_f8_state, expected):
+    vae = comfy_vae.core_vae(kl_f8_state)
     image = load_tensors(expected / "inputs.safetensors")["image_0_u8"].float() / 255  # (64, 64, 3)
     mean = load_tensors(expected / "vae.safetensors")["posterior_mean"]
     assert_close_ref(vae.encode(image[None]), mean, 1e-4, "core_vae fallback encode")
@@ -169,154 +142,27 @@ def test_core_vae_fallback_encodes_with_comfyui_cropping(bridge, kl_f8_state, ex
     assert_close_ref(vae.encode(rgba), mean, 1e-4, "core_vae fallback encode of a cropped RGBA image")
 
 
-def test_core_vae_rejects_other_files(bridge, errors, kl_f8_state):
+def test_core_vae_rejects_other_files(bridge, comfy_vae, errors, kl_f8_state):
     broken = {k: v for k, v in kl_f8_state.items() if k != "decoder.mid.attn_1.q.weight"}
     with pytest.raises(errors.CheckpointError, match="decoder.mid.attn_1.q.weight"):
-        bridge.core_vae(broken)
+        comfy_vae.core_vae(broken)
     with pytest.raises(errors.CheckpointError, match="kl-f8"):
-        bridge.core_vae({"decoder.transformer.wte.weight": torch.zeros(4, 4)})
-
-
-def test_comfy_model_needs_comfyui(bridge, errors):
-    with pytest.raises(errors.VDError, match="inside ComfyUI"):
-        bridge.comfy_model(torch.nn.Linear(2, 2))
-
-
-# ------------------------------------------------------------------------- VD as a ComfyUI MODEL
-
-
-@pytest.fixture(scope="module")
-def diffuser(pack, release_dir):
-    loading = importlib.import_module("vd_pack.vd_core.diffuser")
-    return loading.load_diffuser(release_dir / "vd-four-flow-v1-0-fp16.pth", dtype=torch.float32).eval()
-
-
-@pytest.fixture(scope="module")
-def ddim_contexts(expected):
-    return load_tensors(expected / "ddim_contexts.safetensors")
-
-
-def _guided(kind, cond, uncond, ratio=1.0):
-    contexts = importlib.import_module("vd_pack.vd_core.contexts")
-    return contexts.GuidedContext(kind, cond[:1], uncond[:1], ratio)
-
-
-def _comfy_call(adapter, bridge, x, t, entries):
-    """What ComfyUI's BaseModel does with a batch of CONDITIONING entries: process_cond repeats
-    each to the latent batch, concat joins them along the batch, extras become keyword arguments."""
-    batch = x.shape[0]
-    tokens = torch.cat([e[0].expand(batch, -1, -1) for e in entries])
-    extras = entries[0][1]
-    extra_tokens = [torch.cat([e[1][bridge.COND_EXTRA][i].expand(batch, -1, -1) for e in entries])
-                    for i in range(len(extras[bridge.COND_EXTRA]))]
-    with torch.no_grad():
-        return adapter(
-            torch.cat([x] * len(entries)), torch.full((batch * len(entries),), float(t)), context=tokens,
-            transformer_options={}, **{bridge.COND_KINDS: extras[bridge.COND_KINDS],
-                                       bridge.COND_RATIOS: extras[bridge.COND_RATIOS], bridge.COND_EXTRA: extra_tokens},
-        )
-
-
-def test_conditioning_pair_structure(bridge, model_patch, ddim_contexts):
-    text = _guided("text", ddim_contexts["dual_text_c"], ddim_contexts["text_u"], 0.4)
-    image = _guided("image", ddim_contexts["i2i_c"], ddim_contexts["image_u_zero"], 0.6)
-    positive, negative = model_patch.conditioning_pair((text, image))
-    assert len(positive) == len(negative) == 1
-    assert positive[0][0] is text.cond and negative[0][0] is text.uncond
-    for entry, extra in ((positive[0][1], image.cond), (negative[0][1], image.uncond)):
-        assert entry[bridge.COND_KINDS] == ("text", "image")
-        assert entry[bridge.COND_RATIOS] == (0.4, 0.6)
-        assert len(entry[bridge.COND_EXTRA]) == 1 and entry[bridge.COND_EXTRA][0] is extra
-
-
-@pytest.mark.parametrize("text_first", [True, False])
-def test_dual_context_batched_like_comfyui_matches_official_eps(bridge, model_patch, diffuser, ddim_contexts, expected, text_first):
-    case = load_tensors(expected / "ddim_dual.safetensors")
-    text = _guided("text", ddim_contexts["dual_text_c"], ddim_contexts["text_u"], 0.4)
-    image = _guided("image", ddim_contexts["i2i_c"], ddim_contexts["image_u_zero"], 0.6)
-    positive, negative = model_patch.conditioning_pair((text, image) if text_first else (image, text))
-    adapter = model_patch.VDUNetAdapter(diffuser)
-    eps_uncond, eps_cond = _comfy_call(adapter, bridge, case["x_init"], case["timesteps"][0], negative + positive).chunk(2)
-    assert_close_ref(eps_uncond, case["eps_uncond"][0], 1e-4, "dual eps_uncond through the adapter")
-    assert_close_ref(eps_cond, case["eps_cond"][0], 1e-4, "dual eps_cond through the adapter")
-
-
-def test_text_context_run_separately_and_repeat_padded(bridge, model_patch, diffuser, ddim_contexts, expected):
-    case = load_tensors(expected / "ddim_t2i.safetensors")
-    text = _guided("text", ddim_contexts["t2i_c"], ddim_contexts["text_u"])
-    positive, negative = model_patch.conditioning_pair((text,))
-    adapter = model_patch.VDUNetAdapter(diffuser)
-    t = case["timesteps"][3]
-    x = case["x_steps"][2]  # the latent entering step 3
-    assert_close_ref(_comfy_call(adapter, bridge, x, t, negative), case["eps_uncond"][3], 1e-4, "t2i uncond alone")
-    # ComfyUI batches conds of different token counts by repeating the shorter along the tokens
-    # (comfy/conds.py CONDCrossAttn); attention must not change.
-    repeated = [[positive[0][0].repeat(1, 3, 1), positive[0][1]]]  # the cond half, 231 tokens
-    assert_close_ref(_comfy_call(adapter, bridge, x, t, repeated), case["eps_cond"][3], 1e-4, "t2i cond repeated ×3")
-
-
-def test_image_variation_through_the_adapter(bridge, model_patch, diffuser, ddim_contexts, expected):
-    case = load_tensors(expected / "ddim_i2i.safetensors")
-    image = _guided("image", ddim_contexts["i2i_c"], ddim_contexts["image_u_zero"])
-    positive, negative = model_patch.conditioning_pair((image,))
-    out = _comfy_call(model_patch.VDUNetAdapter(diffuser), bridge, case["x_init"], case["timesteps"][0], negative + positive)
-    assert_close_ref(out, torch.cat([case["eps_uncond"][0], case["eps_cond"][0]]), 1e-4, "i2i eps through the adapter")
-
-
-def test_adapter_rejects_foreign_conditioning(model_patch, diffuser, errors):
-    adapter = model_patch.VDUNetAdapter(diffuser)
-    assert adapter.dtype == torch.float32
-    x, t, tokens = torch.zeros(1, 4, 8, 8), torch.tensor([500.0]), torch.zeros(1, 77, 40)
-    with pytest.raises(errors.VDInputError, match="VD Context to Conditioning"):
-        adapter(x, t, context=tokens)  # e.g. from CLIP Text Encode: no VD keys
-    with pytest.raises(errors.VDInputError, match="ControlNet"):
-        adapter(x, t, context=tokens, control={"middle": []}, vd_kinds=("text",), vd_ratios=(1.0,), vd_extra_contexts=[])
-    with pytest.raises(errors.VDInputError, match="2 contexts but carries 1"):
-        adapter(x, t, context=tokens, vd_kinds=("text", "image"), vd_ratios=(0.5, 0.5), vd_extra_contexts=[])
-
-
-def test_nodes(model_patch, errors, ddim_contexts):
-    text = _guided("text", ddim_contexts["t2i_c"], ddim_contexts["text_u"])
-    positive, negative = model_patch.VDContextToConditioning().convert((text,))
-    assert torch.equal(positive[0][0], text.cond) and torch.equal(negative[0][0], text.uncond)
-    with pytest.raises(errors.VDInputError, match="^VD Context to Conditioning: .*no context"):
-        model_patch.VDContextToConditioning().convert(())
-    with pytest.raises(errors.MissingPartError, match="^VD Model as ComfyUI MODEL: .*diffuser"):
-        model_patch.VDModelAsComfyModel().wrap(None)
-    for node in (model_patch.VDModelAsComfyModel, model_patch.VDContextToConditioning):
-        spec = node.INPUT_TYPES()["required"]
-        assert node.DESCRIPTION and all(options.get("tooltip") for _, options in spec.values())
-        assert len(node.RETURN_TYPES) == len(node.RETURN_NAMES) == len(node.OUTPUT_TOOLTIPS)
+        comfy_vae.core_vae({"decoder.transformer.wte.weight": torch.zeros(4, 4)})
 
 
 # ------------------------------------------------------------------------- inside a real ComfyUI
 
 
 @pytest.fixture(scope="module")
-def comfy(pack, release_dir):
-    """ComfyUI imported in-process on the CPU, with the tiny release folder as a model folder."""
-    comfy_dir = os.environ.get("VD_COMFYUI_DIR")
-    if not comfy_dir:
-        pytest.skip("set VD_COMFYUI_DIR to a ComfyUI work tree (and run pytest with its Python) to test inside ComfyUI")
-    sys.path.insert(0, comfy_dir)  # before the repository root, so that `nodes` is ComfyUI's nodes.py
-    argv, sys.argv = sys.argv, [sys.argv[0], "--cpu"]  # ComfyUI parses the command line on import
-    try:
-        import comfy.options
+def inside(pack, comfy):
+    """The bridge and ComfyUI's own nodes module, in-process (node_fixtures.py's ``comfy``)."""
+    import nodes as comfy_nodes
 
-        comfy.options.enable_args_parsing()
-        import folder_paths
-        import nodes as comfy_nodes
-    finally:
-        sys.argv = argv
-    bridge = importlib.import_module("vd_pack.nodes.comfy_bridge")
-    assert bridge.comfy_available()
-    bridge.register_model_folders()
-    folder_paths.add_model_folder_path("versatile_diffusion", str(release_dir))
-    return bridge, comfy_nodes
+    return importlib.import_module("vd_pack.nodes.comfy_bridge"), comfy_nodes
 
 
-def test_inside_comfyui_folders_devices_and_tokenizer(comfy, release_dir):
-    bridge, _ = comfy
+def test_inside_comfyui_folders_devices_and_tokenizer(inside, release_dir):
+    bridge, _ = inside
     assert "vd-four-flow-v1-0-fp16.pth" in bridge.list_model_files("versatile_diffusion")
     assert "clip-vit-large-patch14" in bridge.list_clip_choices()  # a Hugging Face folder, listed once
     assert bridge.resolve_model_path("versatile_diffusion", "kl-f8.pth") == release_dir / "kl-f8.pth"
@@ -327,16 +173,20 @@ def test_inside_comfyui_folders_devices_and_tokenizer(comfy, release_dir):
     assert bridge.compute_device() == torch.device("cpu") and bridge.pick_dtype("auto", "cpu") == torch.float32
 
 
-def test_inside_comfyui_memory_progress_and_interrupt(comfy):
-    bridge, _ = comfy
+def test_inside_comfyui_parts_progress_and_interrupt(inside):
+    bridge, _ = inside
     import comfy.model_management as mm
     import comfy.utils
     from comfy.cli_args import LatentPreviewMethod, args
 
-    module = torch.nn.Linear(2, 2)
-    handle = bridge.managed(module)
+    parts = importlib.import_module("vd_pack.nodes.parts")
+    module = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.LayerNorm(2))
+    handle = parts.ManagedModule(module, "VD_test_part")
     assert handle.patcher is not None and handle.use() is module
+    assert not handle.full_load  # every layer got ComfyUI's casting class: --lowvram can stream it
+    assert all(hasattr(layer, "comfy_cast_weights") for layer in module)
     assert any(loaded.model is handle.patcher for loaded in mm.current_loaded_models)
+    assert type(handle.patcher.model).__name__ == "VD_test_part"  # what "Requested to load …" prints
     events = []
     comfy.utils.set_progress_bar_global_hook(lambda value, total, preview, node_id=None: events.append((value, total, preview)))
     args.preview_method = LatentPreviewMethod.Latent2RGB
@@ -352,30 +202,9 @@ def test_inside_comfyui_memory_progress_and_interrupt(comfy):
     assert bridge.cancel_check()() is False  # cleared, as ComfyUI's own samplers do
 
 
-def test_inside_comfyui_core_vae_decode_node(comfy, kl_f8_state, expected):
-    bridge, comfy_nodes = comfy
-    vae = bridge.core_vae(kl_f8_state)
+def test_inside_comfyui_core_vae_decode_node(inside, comfy_vae, kl_f8_state, expected):
+    _, comfy_nodes = inside
+    vae = comfy_vae.core_vae(kl_f8_state)
     latent = load_tensors(expected / "inputs.safetensors")["vae_latent"]
     (images,) = comfy_nodes.VAEDecode().decode(vae, {"samples": latent / 0.18215})
     assert_close_ref(images.movedim(-1, 1), load_tensors(expected / "vae.safetensors")["decode"], 1e-4, "core VAEDecode")
-
-
-def test_inside_comfyui_ksampler_reproduces_official_ddim(comfy, diffuser, ddim_contexts, expected):
-    """KSampler (Advanced) with ddim/ddim_uniform is DDIM in sigma space: from the official start
-    latent it must reach the official final x0 estimate (the official last step keeps ᾱ₀ < 1, so
-    compare x0, not x)."""
-    bridge, comfy_nodes = comfy
-    model_patch = importlib.import_module("vd_pack.nodes.model_patch")
-    case = load_tensors(expected / "ddim_dual.safetensors")
-    text = _guided("text", ddim_contexts["dual_text_c"], ddim_contexts["text_u"], 0.4)
-    image = _guided("image", ddim_contexts["i2i_c"], ddim_contexts["image_u_zero"], 0.6)
-    (model,) = model_patch.VDModelAsComfyModel().wrap(SimpleNamespace(module=diffuser))
-    positive, negative = model_patch.VDContextToConditioning().convert((text, image))
-    batches = []
-    model.model.diffusion_model.register_forward_pre_hook(lambda module, args: batches.append(args[0].shape[0]))
-    sigma = model.model.model_sampling.sigma(case["timesteps"][0].float())
-    start = {"samples": case["x_init"] * (1 + sigma**2) ** 0.5 / 0.18215}  # VD's x_t in ComfyUI's units
-    (out,) = comfy_nodes.KSamplerAdvanced().sample(
-        model, "disable", 0, 10, 7.5, "ddim", "ddim_uniform", positive, negative, start, 0, 10, "disable")
-    assert batches == [4] * 10  # cond and uncond of both samples in one call per step, as VD does
-    assert_close_ref(out["samples"] * 0.18215, case["pred_x0"][-1], 1e-4, "KSampler ddim final x0")
