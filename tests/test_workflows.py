@@ -201,8 +201,9 @@ def test_workflow_is_valid(name, specs):
 def test_workflow_uses_released_file_names(name):
     for node in _load(name)["nodes"]:
         if node["type"] == "VDLoader":
-            diffuser, optimus, clip, vae, _dtype = node["widgets_values"]
+            diffuser, image_model, text_model, optimus, clip, vae, _dtype = node["widgets_values"]
             assert diffuser == "vd-four-flow-v1-0-fp16.pth" and clip == "clip-vit-large-patch14"
+            assert (image_model, text_model) != ("none", "none")
             assert optimus in ("optimus-vae.pth", "none") and vae in ("kl-f8.pth", "none")
 
 

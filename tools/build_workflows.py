@@ -36,12 +36,12 @@ def loader(wf: Workflow, **parts) -> int:
 
 def text_to_image(specs) -> Workflow:
     wf = Workflow("vd_text_to_image", specs)
-    ld = loader(wf, optimus="none")
+    ld = loader(wf, image_model="text", optimus="none")
     ctx = wf.add("VDCLIPTextContext", prompt="a red sports car on a mountain road, golden hour, photo")
     smp = wf.add("VDTextToImage", batch_size=2)
     dec, save = wf.add("VAEDecode"), wf.add("SaveImage", filename_prefix="VD/text_to_image")
     wf.link(ld, "vd_clip", ctx, "clip")
-    wf.link(ld, "vd_model", smp, "model")
+    wf.link(ld, "model", smp, "model")
     wf.link(ctx, "context", smp, "context")
     wf.link(smp, "latent", dec, "samples")
     wf.link(ld, "vae", dec, "vae")
@@ -52,7 +52,7 @@ def text_to_image(specs) -> Workflow:
 
 def image_variation(specs) -> Workflow:
     wf = Workflow("vd_image_variation", specs)
-    ld = loader(wf, optimus="none")
+    ld = loader(wf, image_model="image", optimus="none")
     img = wf.add("LoadImage", image=INPUT_IMAGE)
     ctx = wf.add("VDCLIPImageContext", focus=0.4)
     enc = wf.add("VAEEncode")
@@ -64,7 +64,7 @@ def image_variation(specs) -> Workflow:
     wf.link(ld, "vd_clip", ctx, "clip")
     wf.link(img, "IMAGE", enc, "pixels")
     wf.link(ld, "vae", enc, "vae")
-    wf.link(ld, "vd_model", smp, "model")
+    wf.link(ld, "model", smp, "model")
     wf.link(ctx, "context", smp, "context")
     wf.link(enc, "LATENT", smp, "latent")
     wf.link(smp, "latent", dec, "samples")
@@ -89,13 +89,13 @@ def _text_output(wf: Workflow, ld: int, sampler: int, decode_title: str | None =
 
 def image_to_text(specs) -> Workflow:
     wf = Workflow("vd_image_to_text", specs)
-    ld = loader(wf, image_vae="none")
+    ld = loader(wf, image_model="none", text_model="image", image_vae="none")
     img = wf.add("LoadImage", image=INPUT_IMAGE)
     ctx = wf.add("VDCLIPImageContext")
     smp = wf.add("VDImageToText")
     wf.link(img, "IMAGE", ctx, "image")
     wf.link(ld, "vd_clip", ctx, "clip")
-    wf.link(ld, "vd_model", smp, "model")
+    wf.link(ld, "text_model", smp, "model")
     wf.link(ctx, "context", smp, "context")
     _text_output(wf, ld, smp)
     wf.note("# VD Image to Text\nFour captions of the image from VD's text flow, decoded by Optimus and cleaned "
@@ -105,11 +105,11 @@ def image_to_text(specs) -> Workflow:
 
 def text_variation(specs) -> Workflow:
     wf = Workflow("vd_text_variation", specs)
-    ld = loader(wf, image_vae="none")
+    ld = loader(wf, image_model="none", text_model="text", image_vae="none")
     ctx = wf.add("VDCLIPTextContext", prompt="a cat sitting on a wooden bench in the park")
     smp = wf.add("VDTextVariation")
     wf.link(ld, "vd_clip", ctx, "clip")
-    wf.link(ld, "vd_model", smp, "model")
+    wf.link(ld, "text_model", smp, "model")
     wf.link(ctx, "context", smp, "context")
     _text_output(wf, ld, smp)
     wf.note("# VD Text Variation\nFour sentences similar to the prompt.\n\n" + FILES_NOTE)
@@ -118,7 +118,7 @@ def text_variation(specs) -> Workflow:
 
 def dual_context(specs) -> Workflow:
     wf = Workflow("vd_dual_context", specs)
-    ld = loader(wf, optimus="none")
+    ld = loader(wf, image_model="text+image", optimus="none")
     img = wf.add("LoadImage", image=INPUT_IMAGE)
     ictx = wf.add("VDCLIPImageContext")
     tctx = wf.add("VDCLIPTextContext", prompt="a watercolor painting")
@@ -130,7 +130,7 @@ def dual_context(specs) -> Workflow:
     wf.link(ld, "vd_clip", tctx, "clip")
     wf.link(ictx, "context", mix, "context_1")
     wf.link(tctx, "context", mix, "context_2")
-    wf.link(ld, "vd_model", smp, "model")
+    wf.link(ld, "model", smp, "model")
     wf.link(mix, "context", smp, "context")
     wf.link(smp, "latent", dec, "samples")
     wf.link(ld, "vae", dec, "vae")
@@ -142,7 +142,7 @@ def dual_context(specs) -> Workflow:
 
 def multi_context(specs) -> Workflow:
     wf = Workflow("vd_multi_context_masks", specs)
-    ld = loader(wf, optimus="none")
+    ld = loader(wf, image_model="text+image", optimus="none")
     slots = []
     for i, focus in ((1, 0.5), (2, 0.7)):
         img = wf.add("LoadImage", title=f"Image {i} (paint a mask in the mask editor)", image=INPUT_IMAGE)
@@ -155,7 +155,7 @@ def multi_context(specs) -> Workflow:
     smp = wf.add("VDMultiContextSampler", text_strength=0.4)
     dec, save = wf.add("VAEDecode"), wf.add("SaveImage", filename_prefix="VD/multi_context")
     wf.link(ld, "vd_clip", tctx, "clip")
-    wf.link(ld, "vd_model", smp, "model")
+    wf.link(ld, "model", smp, "model")
     wf.link(slots[0], "context", smp, "image_1")
     wf.link(slots[1], "context", smp, "image_2")
     wf.link(tctx, "context", smp, "text")
@@ -170,7 +170,7 @@ def multi_context(specs) -> Workflow:
 
 def i2t2i_edit(specs) -> Workflow:
     wf = Workflow("vd_i2t2i_edit", specs)
-    ld = loader(wf)
+    ld = loader(wf, image_model="text+image", text_model="image")
     img = wf.add("LoadImage", image=INPUT_IMAGE)
     ictx = wf.add("VDCLIPImageContext")
     i2t = wf.add("VDImageToText", count=1)
@@ -184,7 +184,7 @@ def i2t2i_edit(specs) -> Workflow:
     save = wf.add("SaveImage", filename_prefix="VD/i2t2i")
     wf.link(img, "IMAGE", ictx, "image")
     wf.link(ld, "vd_clip", ictx, "clip")
-    wf.link(ld, "vd_model", i2t, "model")
+    wf.link(ld, "text_model", i2t, "model")
     wf.link(ictx, "context", i2t, "context")
     wf.link(ld, "vd_optimus", edit, "optimus")
     wf.link(i2t, "text_latent", edit, "text_latent")
@@ -192,7 +192,7 @@ def i2t2i_edit(specs) -> Workflow:
     wf.link(decode, "text", tctx, "prompt")
     wf.link(ictx, "context", mix, "context_1")
     wf.link(tctx, "context", mix, "context_2")
-    wf.link(ld, "vd_model", smp, "model")
+    wf.link(ld, "model", smp, "model")
     wf.link(mix, "context", smp, "context")
     wf.link(smp, "latent", dec, "samples")
     wf.link(ld, "vae", dec, "vae")
@@ -207,25 +207,23 @@ def i2t2i_edit(specs) -> Workflow:
 
 def ksampler(specs) -> Workflow:
     wf = Workflow("vd_ksampler", specs)
-    ld = loader(wf, optimus="none")
-    model = wf.add("VDModelAsComfyModel")
+    ld = loader(wf, image_model="text", optimus="none")
     ctx = wf.add("VDCLIPTextContext", prompt="a lighthouse on a cliff at sunset, oil painting")
     cond = wf.add("VDContextToConditioning")
     empty = wf.add("EmptyLatentImage")
     ks = wf.add("KSampler", seed=20, steps=30, cfg=7.5, sampler_name="euler_ancestral", scheduler="karras")
     dec, save = wf.add("VAEDecode"), wf.add("SaveImage", filename_prefix="VD/ksampler")
-    wf.link(ld, "vd_model", model, "vd_model")
     wf.link(ld, "vd_clip", ctx, "clip")
     wf.link(ctx, "context", cond, "context")
-    wf.link(model, "model", ks, "model")
+    wf.link(ld, "model", ks, "model")
     wf.link(cond, "positive", ks, "positive")
     wf.link(cond, "negative", ks, "negative")
     wf.link(empty, "LATENT", ks, "latent_image")
     wf.link(ks, "LATENT", dec, "samples")
     wf.link(ld, "vae", dec, "vae")
     wf.link(dec, "IMAGE", save, "images")
-    wf.note("# VD with core KSampler\nThe VD diffuser as a core MODEL: every ComfyUI sampler and scheduler, hires fix "
-            "and the latent nodes work on VD's image flows. Both KSampler conditionings come from VD Context to "
+    wf.note("# VD with core KSampler\nThe VD Loader's MODEL is VD's image diffusion on ComfyUI's own SD 1.x UNet: every "
+            "ComfyUI sampler and scheduler, hires fix, the latent nodes and model patches (LoRA, FreeU …) work on it. Both KSampler conditionings come from VD Context to "
             "Conditioning.\n\n" + FILES_NOTE)
     return wf
 
