@@ -24,18 +24,30 @@ log = logging.getLogger(__name__)
 _CASTING_LAYERS = ("Linear", "Conv2d", "GroupNorm", "LayerNorm", "Embedding")
 
 
-def use_comfy_casting(module: torch.nn.Module) -> bool:
-    """Give ``module``'s plain torch layers ComfyUI's casting classes (same parameters, same maths
-    until ComfyUI streams them). Returns whether every parameter now sits in such a layer."""
+@functools.cache
+def _casting_class(layer_class: type) -> type | None:
+    """ComfyUI's casting class for ``layer_class``: its own for a torch layer, and for a subclass of
+    one (vd_core's ``LinearMultiDim``) a class putting the subclass first, so that its forward's
+    ``super().forward`` reaches the casting layer. None for other classes."""
     import comfy.ops
 
-    ops = comfy.ops.disable_weight_init
+    for name in _CASTING_LAYERS:
+        base = getattr(torch.nn, name)
+        if issubclass(layer_class, base):
+            casting = getattr(comfy.ops.disable_weight_init, name)
+            return casting if layer_class is base else type(layer_class.__name__, (layer_class, casting), {})
+    return None
+
+
+def use_comfy_casting(module: torch.nn.Module) -> bool:
+    """Give ``module``'s torch layers ComfyUI's casting classes (same parameters, same maths until
+    ComfyUI streams them). Returns whether every parameter now sits in such a layer."""
     castable = True
     for layer in module.modules():
-        name = type(layer).__name__
-        if name in _CASTING_LAYERS and type(layer) is getattr(torch.nn, name):
-            layer.__class__ = getattr(ops, name)  # a subclass adding only class attributes
-            if name == "Embedding":
+        casting = None if hasattr(layer, "comfy_cast_weights") else _casting_class(type(layer))
+        if casting is not None:
+            layer.__class__ = casting  # a subclass adding only class attributes
+            if isinstance(layer, torch.nn.Embedding):
                 layer.bias = None  # comfy.ops' embedding casts a (None) bias too
         elif any(True for _ in layer.parameters(recurse=False)) and not hasattr(layer, "comfy_cast_weights"):
             castable = False

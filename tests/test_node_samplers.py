@@ -187,3 +187,37 @@ def test_speed_up_keeps_the_official_results(nodes, parts, contexts, expected, p
     assert_close_ref(latents, expected["ddim_i2t"]["x_final"][:1], 1e-2, "sped-up image→text")
     with pytest.raises(pack.vd_core.errors.MissingPartError, match=r"^VD Speed Up: .*'diffuser'"):
         speed_up(None, True, False)
+
+
+def test_text_flow_layers_stream_under_lowvram(nodes, parts, contexts, expected, monkeypatch):
+    """Under --lowvram / --novram ComfyUI leaves weights on the offload device and each casting layer
+    fetches its own (``comfy_cast_weights``): every layer of the text-flow diffuser must then take its
+    weight through that path, and the result stay the official one."""
+    import comfy.ops
+
+    diffuser = parts[1].module
+    layers = {id(m): m for m in diffuser.modules() if hasattr(m, "comfy_cast_weights")}
+    assert layers and not parts[1].managed.full_load
+    fetched, cast = set(), comfy.ops.cast_bias_weight
+
+    def recording_cast(layer, *args, **kwargs):
+        fetched.add(id(layer))
+        return cast(layer, *args, **kwargs)
+
+    monkeypatch.setattr(comfy.ops, "cast_bias_weight", recording_cast)
+    for layer in layers.values():
+        layer.comfy_cast_weights = True
+    try:
+        (latents,) = nodes["VDImageToText"].sample(parts[1], contexts["image1"], 102, *DDIM.values(), 1)
+    finally:
+        for layer in layers.values():
+            del layer.comfy_cast_weights
+    used = {i for i, m in layers.items() if not _unused_by_image_context(diffuser, m)}
+    assert used <= fetched, f"{len(used - fetched)} layers read their weight directly"
+    assert_close_ref(latents, expected["ddim_i2t"]["x_final"][:1], 1e-2, "image→text with streamed layers")
+
+
+def _unused_by_image_context(diffuser, layer) -> bool:
+    """Layers an image-context text-flow run never calls (the text-context layers)."""
+    blocks = diffuser.text.context_blocks
+    return blocks is not None and any(layer is m for m in blocks.modules())
