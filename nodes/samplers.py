@@ -16,7 +16,7 @@ import torch
 
 from ..vd_core.contexts import GuidedContext
 from ..vd_core.errors import MissingPartError, VDInputError
-from ..vd_core.flows.context_builders import mix_contexts
+from ..vd_core.flows.multi_context import join_image_contexts
 from ..vd_core.flows.options import SAMPLER_NAMES, SCHEDULER_NAMES, SamplingOptions
 from ..vd_core.flows.sampling import check_image_size, sample_text
 from ..vd_core.samplers import PerItemNoise
@@ -214,25 +214,9 @@ class VDImageVariation(_ImageSampler):
 
 
 def join_image_slots(slots, text, text_strength: float) -> tuple[GuidedContext, ...]:
-    """The WebUI's Multi-Context conditioning (SPEC §8): the image slots' tokens concatenated into
-    ONE image context (257·k tokens, unconditional zeros) of ratio 1 − τ, plus the text context of
-    ratio τ when given with τ > 0.
-
-    Args:
-        slots: ``VD_CONTEXT`` tuples (or ``None`` for empty slots) from VD CLIP Image Context, each
-            already masked, focused and weighted.
-        text: an optional ``VD_CONTEXT`` from VD CLIP Text Context.
-        text_strength: τ ∈ [0, 1].
-    """
-    images = [context for slot in slots if slot is not None for context in slot]
-    if any(context.kind != "image" for context in images):
-        raise VDInputError("the image slots take image contexts only (VD CLIP Image Context); connect text to 'text'")
-    batch = max(context.cond.shape[0] for context in images)
-    cond = torch.cat([context.cond.expand(batch, -1, -1) for context in images], dim=1)
-    image_group = (GuidedContext("image", cond, torch.zeros_like(cond[:1])),)
-    if text is None or text_strength == 0:
-        return image_group
-    return mix_contexts([text, image_group], [text_strength, 1.0 - text_strength])
+    """The multi-context sampler's slots (``VD_CONTEXT`` tuples or ``None`` for empty slots) joined
+    the WebUI's way (`vd_core.flows.multi_context.join_image_contexts`)."""
+    return join_image_contexts([context for slot in slots if slot is not None for context in slot], text, text_strength)
 
 
 class VDMultiContextSampler(_ImageSampler):

@@ -90,18 +90,41 @@ def multi_context(
     clip = models.require("clip", purpose)
     image_vae = models.require("image_vae", purpose)
 
-    tokens = []
+    images = []
     for slot in slots:
         mask = None if slot.mask is None else resize_masks(slot.mask, width, height)
-        slot_context = image_context(clip, resize_images(slot.image, width, height), mask, slot.focus, slot.weight)
-        tokens.append(slot_context.cond.expand(n, -1, -1))
-    cond = torch.cat(tokens, dim=1)
-    image_group = (GuidedContext("image", cond, torch.zeros_like(cond[:1])),)
-    if prompt and text_strength > 0:  # the official order: text entry first (SPEC §8)
-        contexts = mix_contexts([(text_context(clip, prompt, negative),), image_group], [text_strength, 1 - text_strength])
-    else:
-        contexts = image_group
+        images.append(image_context(clip, resize_images(slot.image, width, height), mask, slot.focus, slot.weight))
+    text = (text_context(clip, prompt, negative),) if prompt and text_strength > 0 else None
+    contexts = join_image_contexts(images, text, text_strength)
     latents = sample_image(
         diffuser, contexts, width=width, height=height, n=n, options=options, init_latent=init_latent, denoise=denoise
     )
     return decode_images(image_vae, latents)
+
+
+def join_image_contexts(
+    images: Sequence[GuidedContext], text: Sequence[GuidedContext] | None, text_strength: float
+) -> tuple[GuidedContext, ...]:
+    """The WebUI's Multi-Context conditioning (SPEC §8): the image contexts' tokens concatenated into
+    ONE image context (257·k tokens (B, 257·k, D), unconditional zeros) of ratio 1 − τ, plus the text
+    context of ratio τ when one is given and τ > 0 (text first: the official order).
+
+    Args:
+        images: one or more image contexts, each already masked, focused and weighted.
+        text: an optional text context (a ``VD_CONTEXT`` tuple).
+        text_strength: τ ∈ [0, 1].
+
+    Raises:
+        VDInputError: no image context, a text context among the images, or τ outside [0, 1].
+    """
+    check_text_strength(text_strength)
+    if not images:
+        raise VDInputError("multi-context needs at least one image context")
+    if any(context.kind != "image" for context in images):
+        raise VDInputError("the image slots take image contexts only (VD CLIP Image Context); give the text as the text context")
+    batch = max(context.cond.shape[0] for context in images)
+    cond = torch.cat([context.cond.expand(batch, -1, -1) for context in images], dim=1)
+    image_group = (GuidedContext("image", cond, torch.zeros_like(cond[:1])),)
+    if not text or text_strength == 0:
+        return image_group
+    return tuple(mix_contexts([tuple(text), image_group], [text_strength, 1.0 - text_strength]))
