@@ -13,6 +13,7 @@ import importlib.util
 import logging
 import os
 import pathlib
+import posixpath
 import sys
 from typing import Callable
 
@@ -89,37 +90,33 @@ def _folder_dirs(folder: str) -> list[str]:
         return []
 
 
-def _is_hf_folder(path: str) -> bool:
-    """A Hugging Face model folder: config.json plus weights."""
-    names = set(os.listdir(path))
-    return "config.json" in names and bool(names & {"model.safetensors", "pytorch_model.bin"})
+HF_WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
 
 
 def list_clip_choices() -> list[str]:
     """CLIP-L candidates: Hugging Face folders and single weight files, relative to their folder.
 
     Searched: ``models/clip_vision``, ``models/clip`` (``text_encoders``), ``models/versatile_diffusion``
-    (there only names containing "clip", as the folder also holds the diffuser and VAEs). A choice
-    resolves with `resolve_model_path` in the first of `CLIP_FOLDERS` that holds it.
+    (there only names containing "clip", as the folder also holds the diffuser and VAEs), through
+    ComfyUI's cached file lists. A folder holding ``config.json`` and Hugging Face weights is one
+    choice (its files are not). A choice resolves with `resolve_model_path` in the first of
+    `CLIP_FOLDERS` that holds it.
     """
-    if not comfy_available():
-        return []
     choices: list[str] = []
     for folder in CLIP_FOLDERS:
-        for base in _folder_dirs(folder):
-            for root, dirs, files in os.walk(base, followlinks=True):
-                rel_root = os.path.relpath(root, base)
-                if rel_root != "." and _is_hf_folder(root):
-                    choices.append(pathlib.PurePath(rel_root).as_posix())
-                    dirs[:] = []  # the folder is one choice; its files are not
-                    continue
-                for name in files:
-                    rel = pathlib.PurePath(rel_root, name).as_posix()
-                    if os.path.splitext(name)[1].lower() in MODEL_EXTENSIONS and (
-                        folder != VD_FOLDER or "clip" in rel.lower()
-                    ):
-                        choices.append(rel)
-    return sorted(dict.fromkeys(choices))
+        files = list_model_files(folder)
+        hf_folders = {
+            parent for parent, name in (posixpath.split(f) for f in files)
+            if parent and name in HF_WEIGHT_FILES and _has_config(folder, parent)
+        }
+        choices += sorted(hf_folders)
+        choices += [f for f in files if posixpath.dirname(f) not in hf_folders
+                    and (folder != VD_FOLDER or "clip" in f.lower())]
+    return list(dict.fromkeys(choices))
+
+
+def _has_config(folder: str, relative: str) -> bool:
+    return any(os.path.isfile(os.path.join(base, relative, "config.json")) for base in _folder_dirs(folder))
 
 
 def resolve_model_path(folder: str, name: str) -> pathlib.Path:

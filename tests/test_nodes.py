@@ -256,3 +256,21 @@ def test_color_match_matches_official(nodes, tiny_dir):
     (out,) = nodes["VDColorMatch"].match(inputs["ca_imout"].permute(0, 2, 3, 1), inputs["ca_cx"].permute(0, 2, 3, 1))
     assert out.shape == (2, 64, 64, 3)
     assert_close_ref(out, official["simple"].permute(0, 2, 3, 1), 1e-5, "Simple colour adjustment")
+
+
+def test_loader_resolves_every_clip_choice_it_lists(nodes, pack, comfy, release_dir, tmp_path):
+    """A CLIP in models/clip (ComfyUI's text_encoders) is listed and also loads, as a folder or a file."""
+    folder = tmp_path / "clip"
+    folder.mkdir()
+    (folder / "my-clip-l").symlink_to(release_dir / RELEASE_FILES["clip"], target_is_directory=True)
+    (folder / "my-clip-l.safetensors").symlink_to(release_dir / RELEASE_FILES["clip"] / "model.safetensors")
+    (folder / "config.json").symlink_to(release_dir / RELEASE_FILES["clip"] / "config.json")  # the tiny heads
+    comfy.add_model_folder_path("text_encoders", str(folder))
+    choices = pack.nodes.comfy_bridge.list_clip_choices()
+    assert {"my-clip-l", "my-clip-l.safetensors"} <= set(choices)
+    assert "my-clip-l/model.safetensors" not in choices  # the folder is one choice
+    assert choices == nodes["VDLoader"].INPUT_TYPES()["required"]["clip"][0][:-1]  # then "none"
+    for choice in ("my-clip-l", "my-clip-l.safetensors"):
+        clip = nodes["VDLoader"].load("none", "none", "none", "none", choice, "none", "fp32")[2]
+        context = first_context(nodes["VDCLIPTextContext"].encode(clip, "a house", ""))
+        assert context.cond.shape[1] == 77

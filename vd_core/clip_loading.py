@@ -71,8 +71,8 @@ def load_clip(path: str | os.PathLike, tokenizer="auto", dtype: torch.dtype | No
         raise ValueError(f"towers must name 'text' and/or 'vision', got {towers!r}")
     folder = path if path.is_dir() else path.parent
     weights = _weights_file(path) if path.is_dir() else path
-    if config is None and path.is_dir() and (path / "config.json").is_file():
-        config = _read_json(path / "config.json")
+    if config is None and (folder / "config.json").is_file():  # a folder's, or the one beside a single file
+        config = _read_json(folder / "config.json")
     source = f"CLIP file {weights}"
     found = _split_towers(read_state_dict(weights, what="CLIP model file"), source)
     selected = {}
