@@ -139,6 +139,13 @@ class _ImageSampler:
                     "the contexts you use ('text', 'image' or 'text+image'), then connect its model output here."
                 )
             from .comfy_sampling import preview_callback, sample_image_latent
+            from .image_model import VDImageModel
+
+            if not isinstance(getattr(model, "model", None), VDImageModel):
+                raise VDInputError(
+                    f"{name}: this MODEL is not Versatile Diffusion's ({type(getattr(model, 'model', model)).__name__}, "
+                    "e.g. from Load Checkpoint); connect the VD Loader's model output (LoRA/patch nodes may sit between)"
+                )
 
             if latent is not None:
                 samples, batch_index = _latent_batch(latent, name)

@@ -133,6 +133,14 @@ def test_sampler_failures_name_the_node(nodes, parts, contexts, pack, monkeypatc
     errors = pack.vd_core.errors
     with pytest.raises(errors.MissingPartError, match=r"^VD Text to Image: .*image_model"):
         _image_latent(nodes, "VDTextToImage", [None], contexts["prompt0"], 1)
+    import comfy.model_base
+    import comfy.model_patcher
+    import comfy.supported_models
+
+    sd_unet = comfy.supported_models.SD15(dict(parts[0].model.model_config.unet_config))
+    sd_model = comfy.model_patcher.ModelPatcher(comfy.model_base.BaseModel(sd_unet), "cpu", "cpu")  # e.g. Load Checkpoint
+    with pytest.raises(errors.VDInputError, match=r"^VD Text to Image: this MODEL is not Versatile Diffusion's"):
+        _image_latent(nodes, "VDTextToImage", [sd_model], contexts["prompt0"], 1)
     with pytest.raises(errors.MissingPartError, match=r"^VD Image to Text: .*text_model"):
         nodes["VDImageToText"].sample(None, contexts["image0"], 1, *DDIM.values(), 1)
 
