@@ -7,14 +7,14 @@ validates every JSON in ``workflows/`` and ``example_workflows/`` against the li
 ``/object_info``, then ``run_workflow.py`` runs each one in its own server. The model folder is
 built from symlinks to ``$VD_REFERENCE_DIR/tiny_release`` the way a user lays out
 ``ComfyUI/models`` (README "Model files"). The graphs run as saved except for their sizes
-(``QUICK``: few steps, small images, one item), so that all of them take minutes on a 2-core CPU.
+(``QUICK``: few steps, small images, one item; the input image is shrunk to that size too), so
+that all of them take minutes on a 2-core CPU.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -91,7 +91,10 @@ def comfy_setup(comfy_python, tmp_path_factory):
     work = tmp_path_factory.mktemp("comfy_workflows")
     models = link_models(release, work / "models")
     (work / "input").mkdir()
-    shutil.copy(comfy_dir / "input" / "example.png", work / "input")  # what the workflows load
+    # The image the workflows load, as ComfyUI ships it, at the QUICK size (an image input sets the
+    # size of the image-to-image flows).
+    with Image.open(comfy_dir / "input" / "example.png") as example:
+        example.convert("RGB").resize((QUICK["width"], QUICK["height"]), Image.LANCZOS).save(work / "input" / "example.png")
     object_info = work / "object_info.json"
     check = _run([str(harness / "check_workflows.py"), "--comfy", str(comfy_dir), "--pack", str(ROOT),
                   "--models", str(models), "--allow-input-mismatch", "--save-object-info", str(object_info)],
