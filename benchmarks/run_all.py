@@ -74,6 +74,7 @@ def commands(args) -> list[tuple[str, list[str]]]:
         ("bench_encoders.py", common + ["--dtype", encoder_dtype]),
         ("bench_optimus.py", common + ["--dtype", dtype]),
         *(("bench_flows.py", common + ["--dtype", dtype] + extra) for extra in flow_runs(args.device)),
+        ("bench_memory.py", []),  # weight bytes per flow, fp16 and fp32, on the meta device
     ]
     return [(script, argv) for script, argv in runs if not args.only or Path(script).stem in args.only]
 

@@ -20,7 +20,7 @@ torch.set_num_threads(int(os.environ.get("VD_TEST_THREADS", "1")))
 
 
 # Fixtures of the node tests (the tiny release model loaded through the nodes).
-pytest_plugins = ["node_fixtures"]
+pytest_plugins = ["comfy_runtime", "node_fixtures"]
 
 
 def reference_dir() -> Path:

@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # Run every workflow in workflows/ on a real, headless ComfyUI (CPU), with the shared harness.
 #
-# Optional, local only (CI has no ComfyUI): it runs the in-ComfyUI tests of tests/test_comfy_bridge.py,
-# then proves that the pack imports in ComfyUI, that the workflows validate against the live
-# /object_info, and that each one executes end to end.
+# Local, by hand (CI runs the same checks at small sizes through tests/test_workflows_in_comfyui.py,
+# see .ci/run): it runs the in-ComfyUI tests of tests/test_comfy_bridge.py, then proves that the pack
+# imports in ComfyUI, that the workflows validate against the live /object_info, and that each one
+# executes end to end, at the workflows' own sizes unless --quick.
 #
 #   tools/run_comfy_workflows.sh [--quick] [workflows/NAME.json ...]
 #
