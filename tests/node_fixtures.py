@@ -7,8 +7,6 @@ Node functions run inside ``torch.inference_mode()``, as ComfyUI's executor runs
 from __future__ import annotations
 
 import json
-import os
-import sys
 
 import numpy as np
 import pytest
@@ -30,38 +28,15 @@ def nodes(pack):
     return {name: cls() for name, cls in pack.NODE_CLASS_MAPPINGS.items()}
 
 
-def import_comfyui():
-    """ComfyUI imported in-process on the CPU from ``$VD_COMFYUI_DIR`` (pytest must run with that
-    ComfyUI's Python); None when the variable is unset. Idempotent."""
-    comfy_dir = os.environ.get("VD_COMFYUI_DIR")
-    if not comfy_dir:
-        return None
-    if comfy_dir not in sys.path:
-        sys.path.insert(0, comfy_dir)  # before the repository root, so that `nodes` is ComfyUI's nodes.py
-    argv, sys.argv = sys.argv, [sys.argv[0], "--cpu"]  # ComfyUI parses the command line on import
-    try:
-        import comfy.options
-
-        comfy.options.enable_args_parsing()
-        import comfy.model_management  # noqa: F401  (reads the arguments once)
-        import folder_paths
-    finally:
-        sys.argv = argv
-    return folder_paths
-
-
 @pytest.fixture(scope="session")
-def comfy(pack, release_dir):
-    """ComfyUI's ``folder_paths`` with the release miniature registered as a model folder
-    (``versatile_diffusion`` and ``clip_vision``), so node inputs are file names as in ComfyUI's lists.
-    Skips without ComfyUI."""
-    folder_paths = import_comfyui()
-    if folder_paths is None:
-        pytest.skip("set VD_COMFYUI_DIR to a ComfyUI work tree (and run pytest with its Python) to test inside ComfyUI")
+def release_models(comfy, pack, release_dir):
+    """The in-process ComfyUI (``comfy_runtime.py``) with the release miniature registered as the
+    ``versatile_diffusion`` and ``clip_vision`` model folders, so node inputs are file names, as
+    in ComfyUI's lists. Skips without ComfyUI (fails under CI=true)."""
     pack.nodes.comfy_bridge.register_model_folders()
     for folder in ("versatile_diffusion", "clip_vision"):
-        folder_paths.add_model_folder_path(folder, str(release_dir))
-    return folder_paths
+        comfy.register_models(folder, release_dir)
+    return comfy
 
 
 RELEASE_FILES = dict(diffuser="vd-four-flow-v1-0-fp16.pth", optimus="optimus-vae.pth", clip="clip-vit-large-patch14",
@@ -69,7 +44,7 @@ RELEASE_FILES = dict(diffuser="vd-four-flow-v1-0-fp16.pth", optimus="optimus-vae
 
 
 @pytest.fixture(scope="session")
-def parts(nodes, comfy):
+def parts(nodes, release_models):
     """(model, text_model, vd_clip, vd_optimus, vae) of the release-layout miniature, loaded by the VD
     Loader inside ComfyUI with both kinds of context layers for both flows."""
     with torch.inference_mode():

@@ -1,7 +1,7 @@
 """The ComfyUI bridge without ComfyUI (its fallbacks) and inside a real ComfyUI.
 
 The first tests pin the plain fallbacks the pack uses where ComfyUI is absent (scripts, the plain
-test run); they skip where ComfyUI is importable. The last tests run inside ComfyUI when ``$VD_COMFYUI_DIR`` names a ComfyUI work tree and pytest
+test run), with ComfyUI hidden from the bridge when it is importable. The last tests run inside ComfyUI when ``$VD_COMFYUI_DIR`` names a ComfyUI work tree and pytest
 runs with that ComfyUI's Python (docs/comfyui.md):
 ``VD_COMFYUI_DIR=/tmp/ComfyUI /tmp/venv-comfy/bin/python -m pytest -q tests/test_comfy_bridge.py``.
 """
@@ -16,11 +16,11 @@ import torch
 from conftest import assert_close_ref, load_tensors
 
 
-@pytest.fixture(scope="module")
-def bridge(pack):
+@pytest.fixture
+def bridge(pack, monkeypatch):
+    """The bridge as it behaves where ComfyUI is absent, even in a process where it is importable."""
     module = importlib.import_module("vd_pack.nodes.comfy_bridge")
-    if module.comfy_available():
-        pytest.skip("ComfyUI is importable here; these tests pin the fallbacks used without it")
+    monkeypatch.setattr(module, "comfy_available", lambda: False)
     return module
 
 
@@ -154,11 +154,9 @@ def test_core_vae_rejects_other_files(bridge, comfy_vae, errors, kl_f8_state):
 
 
 @pytest.fixture(scope="module")
-def inside(pack, comfy):
-    """The bridge and ComfyUI's own nodes module, in-process (node_fixtures.py's ``comfy``)."""
-    import nodes as comfy_nodes
-
-    return importlib.import_module("vd_pack.nodes.comfy_bridge"), comfy_nodes
+def inside(pack, release_models):
+    """The bridge and ComfyUI's own nodes module, in-process, with the release miniature registered."""
+    return importlib.import_module("vd_pack.nodes.comfy_bridge"), release_models.nodes
 
 
 def test_inside_comfyui_folders_devices_and_tokenizer(inside, release_dir):

@@ -18,7 +18,7 @@ from node_fixtures import RELEASE_FILES
 
 
 @pytest.fixture(scope="module")
-def modules(pack, comfy):
+def modules(pack, release_models):
     return {name: importlib.import_module(f"vd_pack.nodes.{name}") for name in ("image_model", "conditioning")}
 
 

@@ -86,7 +86,7 @@ def test_loader_outputs_and_image_vae(parts, expected):
     assert_close_ref(images, expected["vae"]["decode"].permute(0, 2, 3, 1), 1e-4, "VAE decode")
 
 
-def test_loader_loads_only_what_is_chosen(nodes, comfy, release_dir):
+def test_loader_loads_only_what_is_chosen(nodes, release_models, release_dir):
     from safetensors.torch import load_file
 
     loader = nodes["VDLoader"]
@@ -112,7 +112,7 @@ def test_loader_parts_are_optional(nodes):
     assert nodes["VDLoader"].load("none", "text", "image", "none", "none", "none", "auto") == (None,) * 5
 
 
-def test_loader_reports_missing_and_wrong_files(nodes, pack, comfy):
+def test_loader_reports_missing_and_wrong_files(nodes, pack, release_models):
     errors = pack.vd_core.errors
     with pytest.raises(errors.CheckpointError, match=r"^VD Loader: .*no-such-file\.pth"):
         nodes["VDLoader"].load("no-such-file.pth", "text", "none", "none", "none", "none", "auto")
@@ -120,7 +120,7 @@ def test_loader_reports_missing_and_wrong_files(nodes, pack, comfy):
         nodes["VDLoader"].load(RELEASE_FILES["image_vae"], "text", "none", "none", "none", "none", "auto")
 
 
-def test_loader_is_changed_follows_inputs(pack, comfy):
+def test_loader_is_changed_follows_inputs(pack, release_models):
     loader = pack.NODE_CLASS_MAPPINGS["VDLoader"]
     args = dict(diffuser=RELEASE_FILES["diffuser"], image_model="text", text_model="none", optimus="none",
                 clip="none", image_vae=RELEASE_FILES["image_vae"], dtype="fp32")
@@ -258,14 +258,14 @@ def test_color_match_matches_official(nodes, tiny_dir):
     assert_close_ref(out, official["simple"].permute(0, 2, 3, 1), 1e-5, "Simple colour adjustment")
 
 
-def test_loader_resolves_every_clip_choice_it_lists(nodes, pack, comfy, release_dir, tmp_path):
+def test_loader_resolves_every_clip_choice_it_lists(nodes, pack, release_models, comfy_models, release_dir, tmp_path):
     """A CLIP in models/clip (ComfyUI's text_encoders) is listed and also loads, as a folder or a file."""
     folder = tmp_path / "clip"
     folder.mkdir()
     (folder / "my-clip-l").symlink_to(release_dir / RELEASE_FILES["clip"], target_is_directory=True)
     (folder / "my-clip-l.safetensors").symlink_to(release_dir / RELEASE_FILES["clip"] / "model.safetensors")
     (folder / "config.json").symlink_to(release_dir / RELEASE_FILES["clip"] / "config.json")  # the tiny heads
-    comfy.add_model_folder_path("text_encoders", str(folder))
+    comfy_models("text_encoders", folder)
     choices = pack.nodes.comfy_bridge.list_clip_choices()
     assert {"my-clip-l", "my-clip-l.safetensors"} <= set(choices)
     assert "my-clip-l/model.safetensors" not in choices  # the folder is one choice
