@@ -43,7 +43,7 @@ from frontend_session import PACK, Browser, ComfyProcess, FrontendError, tiny_mo
 
 TEXT_WIDGET = "vd_text"  # added by web/js/vd_text_on_node.js
 RUN_TYPES = ("VDImageToText", "VDOptimusTextDecode")
-THUMBNAIL_SIZE = (640, 366)
+THUMBNAIL_SIZE = (640, 480)
 
 LOAD_AND_INSPECT = r"""
 const [wf, name] = args;
@@ -185,6 +185,8 @@ def save_screenshot(browser: Browser, path: Path, thumbnail: Path | None = None)
         from PIL import Image
 
         image = Image.open(io.BytesIO(png)).convert("RGB")
+        width, height = image.size
+        image = image.crop((50, 85, width - 10, height - 10))  # the canvas without menus and tabs
         image.thumbnail(THUMBNAIL_SIZE)
         image.save(thumbnail, "JPEG", quality=85)
 

@@ -32,12 +32,13 @@ CHROMIUM_FLAGS = (
     "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
     "--disable-background-networking", "--disable-component-update", "--disable-sync",
 )
-# Frontend settings for an unattended session: no template browser on first start, no minimap or
-# canvas statistics in the pictures, full detail even when zoomed out.
+# Frontend settings for an unattended session: no template browser on first start, no minimap,
+# canvas statistics or zoom buttons in the pictures, full detail even when zoomed out.
 FRONTEND_SETTINGS = {
     "Comfy.TutorialCompleted": True,
     "Comfy.Minimap.Visible": False,
     "Comfy.Graph.CanvasInfo": False,
+    "Comfy.Graph.CanvasMenu": False,
     "LiteGraph.Canvas.MinFontSizeForLOD": 1,
     "LiteGraph.Canvas.LowQualityRenderingZoomThreshold": 0.1,
 }
@@ -170,7 +171,7 @@ class ComfyProcess:
 class Browser:
     """One headless Chromium session through chromedriver's W3C HTTP API."""
 
-    def __init__(self, chromium: str, chromedriver: str, workdir: Path, size=(1400, 800)):
+    def __init__(self, chromium: str, chromedriver: str, workdir: Path, size=(1280, 960)):
         self.chromium, self.chromedriver = chromium, chromedriver
         self.workdir, self.size = Path(workdir), size
         self.proc = None
