@@ -14,7 +14,11 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from ..vd_core.acceleration import DEFAULT_COMPILE_CACHE, AcceleratedDiffuser, accelerate_diffuser
+from ..vd_core.acceleration import (
+    DEFAULT_COMPILE_CACHE,
+    AcceleratedDiffuser,
+    accelerate_diffuser,
+)
 from . import comfy_bridge as bridge
 from .node_errors import reported_as, require_part
 from .types import VD_MODEL, LoadedPart

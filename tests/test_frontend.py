@@ -18,7 +18,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tools"))
-import check_frontend  # noqa: E402
+import check_frontend
 
 COMFY = Path(os.environ.get("COMFYUI_DIR", "/tmp/ComfyUI"))
 PYTHON = os.environ.get("COMFY_PYTHON", "/tmp/venv-comfy/bin/python")

@@ -8,10 +8,8 @@ Frontend 1.27 fetches ``/extensions/<pack folder>/docs/<NodeId>/<locale>.md``, t
 from __future__ import annotations
 
 import re
-from pathlib import Path
 
 import pytest
-
 from pack_import import ROOT, import_pack
 
 pack = import_pack()

@@ -8,8 +8,9 @@ Rules: the Registry's naming rules (lower case, no "ComfyUI", letters/digits/-/_
 from __future__ import annotations
 
 import re
-import tomllib
 from pathlib import Path
+
+import tomllib
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = tomllib.loads((ROOT / "pyproject.toml").read_text())

@@ -9,7 +9,6 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from pack_import import import_pack
 
 pack = import_pack()

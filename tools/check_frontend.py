@@ -39,7 +39,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from frontend_session import PACK, Browser, ComfyProcess, FrontendError, tiny_models  # noqa: E402
+from frontend_session import PACK, Browser, ComfyProcess, FrontendError, tiny_models
 
 TEXT_WIDGET = "vd_text"  # added by web/js/vd_text_on_node.js
 RUN_TYPES = ("VDImageToText", "VDOptimusTextDecode")
@@ -120,7 +120,7 @@ def prompt_problems(prompt: dict, object_info: dict) -> list[str]:
         cls = node.get("class_type")
         info = object_info.get(cls)
         if info is None:
-            problems.append(f"node {node_id}: type {cls} is not known to the server")
+            problems.append(f"node {node_id}: type {cls or '(none: the frontend lacks it)'} is not known to the server")
             continue
         inputs = node.get("inputs", {})
         for section in ("required", "optional"):

@@ -34,7 +34,8 @@ function showText(node, text) {
       widget.element.dataset.vdText = "1";
       widget.element.placeholder = "text output";
     }
-    node.setSize?.([node.size[0], Math.max(node.size[1], node.computeSize()[1])]);
+    // Room for a few lines (one per sentence) besides the widgets' own minimum.
+    node.setSize?.([Math.max(node.size[0], 360), Math.max(node.size[1], node.computeSize()[1]) + 80]);
   }
   widget.value = text;
   if (widget.element) widget.element.value = text;
