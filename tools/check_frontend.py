@@ -8,6 +8,7 @@ For each ``example_workflows/*.json`` (default) the frontend loads the file as a
 * no missing-models dialog opened (the models folder holds every file the workflow names);
 * every widget kept the value the file gives (``widgets_values`` as the frontend saves them
   again), every combo value is one of its choices and every number lies in its range;
+* every help page (``web/docs/<NodeId>.md``) is served where the help panel looks for it;
 * the prompt the frontend would queue (``app.graphToPrompt``) validates against the live
   ``/object_info``: known node types, every required input given, combo values among the
   choices, numbers in range, links between matching types.
@@ -95,6 +96,17 @@ await window.app.queuePrompt(0);
 return true;
 """
 
+HELP_STATUS = r"""
+const [folder, names] = args;
+const status = {};
+for (const name of names) {
+  // the frontend's NodeHelpService: /extensions/<pack folder>/docs/<NodeId>.md (after <NodeId>/<locale>.md)
+  const r = await fetch(window.app.api.fileURL(`/extensions/${folder}/docs/${name}.md`));
+  status[name] = r.status;
+}
+return status;
+"""
+
 READ_TEXT = r"""
 const [type, widgetName] = args;
 return window.app.graph._nodes.filter(n => n.type === type).map(n => {
@@ -177,6 +189,16 @@ def widget_problems(report: dict, workflow: dict) -> list[str]:
     return problems
 
 
+def help_page_problems(browser: Browser, object_info: dict) -> list[str]:
+    """Each page in web/docs is served where the frontend's help panel fetches it, for a node of this pack."""
+    pages = sorted(p.stem for p in (PACK / "web" / "docs").glob("*.md"))
+    ours = {k for k, v in object_info.items() if str(v.get("python_module", "")).split(".")[:2] == ["custom_nodes", PACK.name]}
+    status = browser.js_async(HELP_STATUS, PACK.name, pages)
+    problems = [f"help page {name}.md: HTTP {code} at /extensions/{PACK.name}/docs/" for name, code in status.items() if code != 200]
+    problems += [f"help page {name}.md: no node {name} of this pack in /object_info" for name in pages if name not in ours]
+    return problems + ([] if pages else ["no help pages in web/docs"])
+
+
 def save_screenshot(browser: Browser, path: Path, thumbnail: Path | None = None) -> None:
     browser.js_async(FIT_VIEW)
     png = browser.screenshot_png()
@@ -210,6 +232,7 @@ def check(workflows: list[Path], out: Path, comfy: Path, python: str, reference:
             if not any(e.endswith("/vd_text_on_node.js") for e in extensions):
                 failures.append("the text-on-node extension is not served (/extensions lists "
                                 f"{len(extensions)} scripts, none vd_text_on_node.js)")
+            failures += help_page_problems(browser, object_info)
             candidates = []
             for path in workflows:
                 workflow = json.loads(path.read_text())
