@@ -12,7 +12,10 @@ frontend by ``tools/check_frontend.py --thumbnails`` and kept here.
     tools/build_example_workflows.py          # rewrite example_workflows/*.json
     tools/build_example_workflows.py --check  # exit 1 when they are not what this would write
 
-CLIP ViT-L/14 is a folder (``openai/clip-vit-large-patch14``), not one file: the dialog can
+Frontend 1.27 lists a missing file with its folder, but offers Download / Copy URL only for
+``.safetensors``/``.sft`` names from huggingface.co or civitai.com: the released ``.pth`` files
+are listed (name, target folder, URL as the tooltip) with the buttons disabled (seen in the real
+frontend). CLIP ViT-L/14 is a folder (``openai/clip-vit-large-patch14``), not one file: the dialog can
 neither find an installed folder in the model lists nor download one, so it gets no entry (the
 workflows' notes and the VD Loader help page say where it goes).
 """

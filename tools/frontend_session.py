@@ -231,7 +231,9 @@ class Browser:
         """Poll a JS expression until it is truthy; its value."""
         deadline = time.monotonic() + timeout
         while True:
-            value = self.js(f"try {{ return {expression}; }} catch (e) {{ return null; }}")
+            # A page object (the canvas, the graph) cannot travel back: it counts as true.
+            value = self.js(f"let v; try {{ v = {expression}; }} catch (e) {{ return null; }}"
+                            "try { JSON.stringify(v); return v; } catch (e) { return true; }")
             if value:
                 return value
             if time.monotonic() > deadline:
