@@ -7,4 +7,7 @@ The algorithm lives in ``vd_core`` (plain PyTorch, usable without ComfyUI).
 
 from .nodes import NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS
 
-__all__ = ["NODE_CLASS_MAPPINGS", "NODE_DISPLAY_NAME_MAPPINGS"]
+# Served at /extensions/<this folder>/: the text-on-node script (web/js) and the help pages (web/docs).
+WEB_DIRECTORY = "./web"
+
+__all__ = ["NODE_CLASS_MAPPINGS", "NODE_DISPLAY_NAME_MAPPINGS", "WEB_DIRECTORY"]

@@ -11,6 +11,7 @@ from .node_errors import reported_as
 class VDColorMatch:
     DISPLAY_NAME = "VD Color Match"
     CATEGORY = "VersatileDiffusion/image"
+    SEARCH_ALIASES = ["color match", "colour match", "color transfer", "color correction", "variation"]
     DESCRIPTION = (
         "The WebUI's 'Simple' colour adjustment for Image Variation: gives every image the "
         "per-channel mean and spread of the reference image (usually the input image)."

@@ -26,9 +26,11 @@ def _sentences(text: str) -> list[str]:
 class VDOptimusTextDecode:
     DISPLAY_NAME = "VD Optimus Text Decode"
     CATEGORY = CATEGORY
+    SEARCH_ALIASES = ["caption", "img2txt", "image to text", "text decode", "optimus", "show text", "sentences"]
     DESCRIPTION = (
         "Turns text latents into sentences with Optimus' GPT-2 decoder, one line per latent, and shows "
-        "them on the node. 'sample' is the official mode; 'greedy' always picks the likeliest word."
+        "them on the node after a run (no Preview Any needed). 'sample' is the official mode; 'greedy' "
+        "always picks the likeliest word."
     )
     RETURN_TYPES = ("STRING",)
     RETURN_NAMES = ("text",)
@@ -75,6 +77,7 @@ class VDOptimusTextDecode:
 class VDOptimusTextEncode:
     DISPLAY_NAME = "VD Optimus Text Encode"
     CATEGORY = CATEGORY
+    SEARCH_ALIASES = ["text encode", "optimus", "text latent", "sentence embedding"]
     DESCRIPTION = "Encodes sentences (one per line) into Optimus text latents (the posterior mean)."
     RETURN_TYPES = (VD_TEXT_LATENT,)
     RETURN_NAMES = ("text_latent",)
@@ -103,6 +106,7 @@ class VDOptimusTextEncode:
 class VDTextLatentEdit:
     DISPLAY_NAME = "VD Text Latent Edit"
     CATEGORY = CATEGORY
+    SEARCH_ALIASES = ["i2t2i", "edit caption", "text edit", "image editing", "semantic edit", "optimus"]
     DESCRIPTION = (
         "Edits text latents as the official I2T2I did: removes each latent's component along "
         "the negative sentence's latent and adds the positive sentence's latent. Decode the result and "

@@ -21,8 +21,10 @@ from vd_core.acceleration import (
     CUDAGraphRunner,
     GraphedEps,
     accelerate_diffuser,
+    compile_cache_scope,
     graph_key,
     graphed_eps,
+    inductor_backend,
 )
 from vd_core.diffuser import ContextInput, DiffuserConfig, DiffuserParts, FourFlowDiffuser
 from vd_core.errors import VDInputError
@@ -173,6 +175,50 @@ def test_inductor_forward_equals_plain_and_fills_the_cache(plain, apply_model, t
     assert_close_ref(eps, plain(x, t, contexts), SAME, "inductor vs plain")
     assert_close_ref(eps, apply_model["eps_image_mc_text0p3_image0p7"], 1e-4, "inductor vs official")
     assert any((tmp_path / "inductor").rglob("*.py")), "no compiled kernel was written to the cache directory"
+
+
+@pytest.mark.parametrize("before", [None, "elsewhere"])
+def test_compile_cache_scope_restores_the_process_setting(before, tmp_path, monkeypatch):
+    if before is None:
+        monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR", raising=False)
+    else:
+        monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / before))
+    with compile_cache_scope(tmp_path / "own" / "inductor") as path:
+        assert path == (tmp_path / "own" / "inductor").resolve() and path.is_dir()
+        assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == str(path)
+    expected = None if before is None else str(tmp_path / before)
+    assert os.environ.get("TORCHINDUCTOR_CACHE_DIR") == expected
+
+
+def test_inductor_backend_keeps_its_cache_and_options_to_its_own_compilations(tmp_path, monkeypatch, fresh_dynamo):
+    """Real Inductor (CPU, C++ kernels) on a two-op function: the kernels land in the backend's
+    directory, while the process's cache directory and Inductor's settings stay as they were."""
+    import torch._inductor.config as inductor_config
+
+    process_dir = tmp_path / "process"
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(process_dir))
+    settings = (inductor_config.max_autotune, inductor_config.coordinate_descent_tuning, inductor_config.fx_graph_cache)
+    seen = {}
+
+    def observed(x):
+        return torch.sin(x) * 2 + 1
+
+    backend = inductor_backend("max-autotune-no-cudagraphs", tmp_path / "own")
+
+    def spying_backend(graph_module, example_inputs):
+        seen["before"] = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
+        compiled = backend(graph_module, example_inputs)
+        seen["after"] = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
+        return compiled
+
+    fn = torch.compile(observed, backend=spying_backend)
+    x = torch.linspace(-2, 2, 64)
+    assert_close_ref(fn(x), observed(x), SAME, "inductor backend vs eager")
+    assert seen["before"] == seen["after"] == str(process_dir)  # changed only inside the compilation
+    assert any((tmp_path / "own").rglob("*.py")), "no compiled kernel in the backend's cache directory"
+    assert not process_dir.exists() or not any(process_dir.rglob("*.py"))
+    assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == str(process_dir)
+    assert (inductor_config.max_autotune, inductor_config.coordinate_descent_tuning, inductor_config.fx_graph_cache) == settings
 
 
 def test_bad_compile_settings_are_refused(plain):

@@ -69,7 +69,7 @@ def test_compile_flag_wraps_the_diffuser_and_gives_the_same_images(release_dir, 
         return wrapped[-1]
 
     monkeypatch.setattr(acceleration, "accelerate_diffuser", accelerate)
-    # use_compile_cache sets these for the whole process: restore them after the test.
+    # Compiling must leave these process settings alone; restore them after the test in any case.
     import torch._functorch.config as functorch_config
     import torch._inductor.config as inductor_config
 

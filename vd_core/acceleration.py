@@ -24,7 +24,8 @@ from __future__ import annotations
 import logging
 import os
 from collections import OrderedDict
-from collections.abc import Callable, Hashable, Sequence
+from collections.abc import Callable, Hashable, Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -38,32 +39,55 @@ log = logging.getLogger(__name__)
 # Modes whose own CUDA graphs (cudagraph trees) cannot run inside a graph we record.
 _SELF_GRAPHING_MODES = ("reduce-overhead", "max-autotune")
 COMPILE_MODES = ("default", "max-autotune-no-cudagraphs", *_SELF_GRAPHING_MODES)
-# Where the command line and the ComfyUI node keep compiled kernels between processes.
+# Where the command line keeps compiled kernels between processes (the ComfyUI node passes a folder
+# under ComfyUI's user directory instead).
 DEFAULT_COMPILE_CACHE = Path("~/.cache/vd_core/inductor")
 
 
-def use_compile_cache(cache_dir: str | os.PathLike) -> Path:
-    """Keep Inductor's compiled kernels (and Triton's, which live beneath) in ``cache_dir`` so the
-    next process reuses them instead of compiling again.
+@contextmanager
+def compile_cache_scope(cache_dir: str | os.PathLike) -> Iterator[Path]:
+    """Inductor's (and Triton's, beneath) cache directory is ``cache_dir`` inside the block only.
 
-    This sets ``TORCHINDUCTOR_CACHE_DIR`` for the whole process (Inductor reads it at every
-    compilation) and turns on the FX-graph and AOTAutograd caches.
+    Inductor reads ``TORCHINDUCTOR_CACHE_DIR`` whenever it looks for a cached or compiled kernel;
+    the variable (set or unset) and Inductor's memoised paths are restored on the way out, so
+    other compilations of the process keep their own cache.
 
-    Returns:
+    Yields:
         The absolute cache directory, created if missing.
     """
-    import torch._functorch.config as functorch_config
-    import torch._inductor.config as inductor_config
+    from torch._inductor.utils import clear_caches
 
     path = Path(cache_dir).expanduser().resolve()
     path.mkdir(parents=True, exist_ok=True)
     previous = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
-    if previous and Path(previous).resolve() != path:
-        log.info("TORCHINDUCTOR_CACHE_DIR was %s; compiled kernels now go to %s", previous, path)
     os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(path)
-    inductor_config.fx_graph_cache = True
-    functorch_config.enable_autograd_cache = True
-    return path
+    clear_caches()
+    try:
+        yield path
+    finally:
+        clear_caches()
+        if previous is None:
+            os.environ.pop("TORCHINDUCTOR_CACHE_DIR", None)
+        else:
+            os.environ["TORCHINDUCTOR_CACHE_DIR"] = previous
+
+
+def inductor_backend(mode: str = "default", cache_dir: str | os.PathLike | None = None) -> Callable:
+    """A ``torch.compile`` backend: Inductor with ``mode``'s options, compiling (and looking up its
+    caches) in ``cache_dir`` when given. The options and the directory hold for the compilations
+    this backend runs — Dynamo calls it exactly when it compiles — and nowhere else."""
+    from torch._inductor import list_mode_options
+    from torch._inductor.compile_fx import compile_fx
+
+    patches = list_mode_options(mode)
+
+    def backend(graph_module, example_inputs):
+        if cache_dir is None:
+            return compile_fx(graph_module, example_inputs, config_patches=patches)
+        with compile_cache_scope(cache_dir):
+            return compile_fx(graph_module, example_inputs, config_patches=patches)
+
+    return backend
 
 
 def graph_key(static: Hashable, tensors: Sequence[torch.Tensor]) -> tuple:
@@ -297,7 +321,8 @@ def accelerate_diffuser(
             refused together with ``cuda_graphs``.
         compile_backend: ``"inductor"`` (generated kernels) or a debugging backend such as
             ``"aot_eager"`` (traces the same graph, runs it with eager kernels).
-        cache_dir: keep compiled kernels here across processes (:func:`use_compile_cache`).
+        cache_dir: keep compiled kernels here across processes (Inductor only; the directory holds
+            for this model's compilations, :func:`compile_cache_scope`; process settings are untouched).
         cuda_graphs: record each (shapes, context kinds, ratios) forward on CUDA once and replay it.
         max_graphs: recorded graphs kept at once.
 
@@ -318,12 +343,11 @@ def accelerate_diffuser(
         diffuser.to(memory_format=torch.channels_last)
     compiled = None
     if compile:
-        if cache_dir is not None:
-            use_compile_cache(cache_dir)
+        # Modes and the cache directory are Inductor's; a debugging backend gets neither.
+        backend = inductor_backend(compile_mode, cache_dir) if compile_backend == "inductor" else compile_backend
         # dynamic=None: shapes and ratios are specialised first, and made symbolic when they change
         # (one recompilation) instead of compiling again for every new value.
-        mode = {"mode": compile_mode} if compile_backend == "inductor" else {}  # modes are Inductor's
-        compiled = torch.compile(diffuser.forward, backend=compile_backend, dynamic=None, **mode)
+        compiled = torch.compile(diffuser.forward, backend=backend, dynamic=None)
     log.info(
         "diffuser fast paths: channels_last=%s compile=%s (%s, %s) cuda_graphs=%s",
         channels_last, compile, compile_mode, compile_backend, cuda_graphs,
