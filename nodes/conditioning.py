@@ -59,6 +59,7 @@ def conditioning_pair(contexts: Sequence[GuidedContext]) -> tuple[list, list]:
 
 class VDContextToConditioning:
     DISPLAY_NAME = "VD Context to Conditioning"
+    SEARCH_ALIASES = ["conditioning", "ksampler", "to conditioning", "positive negative"]
     CATEGORY = "VersatileDiffusion/ComfyUI sampling"
     DESCRIPTION = (
         "Turns a VD context (text, image, or mixed) into core CONDITIONING for KSampler (or Apply "

@@ -22,6 +22,7 @@ CATEGORY = "VersatileDiffusion/conditioning"
 
 class VDCLIPTextContext:
     DISPLAY_NAME = "VD CLIP Text Context"
+    SEARCH_ALIASES = ["prompt", "text encode", "clip text encode", "text prompt", "text conditioning"]
     CATEGORY = CATEGORY
     DESCRIPTION = (
         "Encodes a prompt with CLIP ViT-L/14 into a text context (77 tokens) for Text to Image, Text "
@@ -54,6 +55,7 @@ class VDCLIPTextContext:
 
 class VDCLIPImageContext:
     DISPLAY_NAME = "VD CLIP Image Context"
+    SEARCH_ALIASES = ["image prompt", "clip vision encode", "image conditioning", "style", "focus", "variation"]
     CATEGORY = CATEGORY
     DESCRIPTION = (
         "Encodes an image with CLIP ViT-L/14 into an image context (257 tokens) for Image Variation, "
@@ -125,6 +127,7 @@ def _clip_vision_encoder(clip_vision) -> ManagedModule:
 
 class VDDualContextMixer:
     DISPLAY_NAME = "VD Dual Context Mixer"
+    SEARCH_ALIASES = ["dual context", "mix", "blend", "image and text", "multi context", "conditioning combine"]
     CATEGORY = CATEGORY
     DESCRIPTION = (
         "Mixes two to four contexts into one: the diffuser attends to each and blends the results by "

@@ -92,6 +92,7 @@ def _image_model(path, kinds: tuple[str, ...], dtype: str):
 
 class VDLoader:
     DISPLAY_NAME = "VD Loader"
+    SEARCH_ALIASES = ["versatile diffusion", "vd", "load model", "checkpoint loader", "loader"]
     CATEGORY = "VersatileDiffusion/loaders"
     DESCRIPTION = (
         "Loads the parts of Versatile Diffusion a graph uses: the image flows as a core MODEL (ComfyUI's "

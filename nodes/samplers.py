@@ -165,6 +165,7 @@ class _ImageSampler:
 
 class VDTextToImage(_ImageSampler):
     DISPLAY_NAME = "VD Text to Image"
+    SEARCH_ALIASES = ["txt2img", "text to image", "generate", "sampler", "t2i"]
     DESCRIPTION = (
         "Samples images from a text context (or any mixed context) with VD's image flow. With a latent "
         "and denoise < 1 it redraws an existing image (image-to-image)."
@@ -188,6 +189,7 @@ class VDTextToImage(_ImageSampler):
 
 class VDImageVariation(_ImageSampler):
     DISPLAY_NAME = "VD Image Variation"
+    SEARCH_ALIASES = ["variation", "image variation", "img2img", "image to image", "remix", "similar image"]
     DESCRIPTION = (
         "Samples variations of an image from its image context (VD CLIP Image Context; its focus picks "
         "semantic vs style). Fidelity > 0 starts from the image's latent and keeps more of its layout."
@@ -228,6 +230,7 @@ def join_image_slots(slots, text, text_strength: float) -> tuple[GuidedContext, 
 
 class VDMultiContextSampler(_ImageSampler):
     DISPLAY_NAME = "VD Multi Context Sampler"
+    SEARCH_ALIASES = ["multi context", "multi image", "image mix", "masks", "collage", "variation"]
     DESCRIPTION = (
         "The WebUI's Multi-Context: up to four images (each with its own mask, focus and weight from VD "
         "CLIP Image Context) guide one image together, joined into a single image context, optionally "
@@ -297,6 +300,7 @@ class _TextSampler:
 
 class VDImageToText(_TextSampler):
     DISPLAY_NAME = "VD Image to Text"
+    SEARCH_ALIASES = ["caption", "img2txt", "image to text", "describe image", "captioning", "i2t"]
     DESCRIPTION = (
         "Samples text latents describing an image (VD's text flow on an image context); decode them "
         "with VD Optimus Text Decode. Guidance contrasts with a black image, as the official flow does."
@@ -306,6 +310,7 @@ class VDImageToText(_TextSampler):
 
 class VDTextVariation(_TextSampler):
     DISPLAY_NAME = "VD Text Variation"
+    SEARCH_ALIASES = ["text variation", "paraphrase", "rephrase", "txt2txt", "similar sentences"]
     DESCRIPTION = (
         "Samples text latents of sentences similar to a prompt (VD's text flow on a text context); "
         "decode them with VD Optimus Text Decode."

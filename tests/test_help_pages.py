@@ -18,9 +18,6 @@ DOCS = ROOT / pack.WEB_DIRECTORY / "docs"
 BEING_REMOVED = {"VDModelAsComfyModel"}
 NODES = {k: v for k, v in pack.NODE_CLASS_MAPPINGS.items() if k not in BEING_REMOVED}
 # Node modules of this pack whose classes carry SEARCH_ALIASES already (the rest: issue 11).
-ALIASED_MODULES = ("text", "image_tools", "speed")
-
-
 def test_the_web_folder_is_served_under_the_pack_folder():
     assert pack.WEB_DIRECTORY == "./web" and (ROOT / "web" / "js" / "vd_text_on_node.js").is_file()
 
@@ -42,11 +39,8 @@ def test_no_page_for_a_node_that_does_not_exist():
     assert sorted(p.stem for p in DOCS.glob("*.md")) == sorted(NODES)
 
 
-@pytest.mark.parametrize("module", ALIASED_MODULES)
-def test_search_aliases(module):
-    classes = [cls for cls in pack.NODE_CLASS_MAPPINGS.values() if cls.__module__.endswith(f".nodes.{module}")]
-    assert classes
-    for cls in classes:
+def test_search_aliases():
+    for cls in pack.NODE_CLASS_MAPPINGS.values():
         aliases = cls.SEARCH_ALIASES
         assert isinstance(aliases, list) and aliases, cls.__name__
         assert all(isinstance(a, str) and a == a.strip().lower() and a for a in aliases), cls.__name__

@@ -79,11 +79,9 @@ def image_variation(specs) -> Workflow:
 
 
 def _text_output(wf: Workflow, ld: int, sampler: int, decode_title: str | None = None) -> int:
-    decode = wf.add("VDOptimusTextDecode", title=decode_title)
-    show = wf.add("PreviewAny")
+    decode = wf.add("VDOptimusTextDecode", title=decode_title)  # shows its sentences on the node
     wf.link(ld, "vd_optimus", decode, "optimus")
     wf.link(sampler, "text_latent", decode, "text_latent")
-    wf.link(decode, "text", show, "source")
     return decode
 
 
