@@ -89,11 +89,17 @@ def test_messages_name_the_real_cause(tmp_path):
         assert "weights_only" not in text and "weights_only=False" not in text
 
 
-@pytest.mark.skipif(os.name != "posix" or os.geteuid() == 0, reason="needs file permissions that bind (not root)")
-def test_unreadable_file_is_not_called_corrupt(release_dir, tmp_path):
+def test_unreadable_file_is_not_called_corrupt(release_dir, tmp_path, monkeypatch):
     locked = tmp_path / "kl-f8.pth"
     shutil.copy(release_dir / "kl-f8.pth", locked)
     locked.chmod(0)
+    if os.name != "posix" or os.geteuid() == 0:  # root reads anything: make the open fail as it would
+        from vd_core import checkpoint
+
+        def denied(path, *args, **kwargs):
+            raise PermissionError(13, "Permission denied", str(path))
+
+        monkeypatch.setattr(checkpoint, "open", denied, raising=False)
     try:
         text = _message(locked)
     finally:
