@@ -28,6 +28,10 @@ _TRUNCATE_AFTER_LOAD = textwrap.dedent("""
     if kind == "diffuser":
         model = load_diffuser(path, dtype=torch.float16, num_heads=heads)
         tensors = list(model.state_dict().values())
+    elif kind == "clip":
+        from vd_core.clip_loading import load_clip
+        tensors = list(load_clip(path, tokenizer=None, towers=("vision",)).state_dict().values())
+        path = os.path.join(path, "model.safetensors")
     elif kind == "vae":
         tensors = list(load_image_vae(path).state_dict().values())
     else:
@@ -38,7 +42,7 @@ _TRUNCATE_AFTER_LOAD = textwrap.dedent("""
 
 
 @pytest.mark.parametrize("kind, name", [("diffuser", "vd-four-flow-v1-0-fp16.pth"), ("vae", "kl-f8.pth"),
-                                        ("state", "vae.safetensors")])
+                                        ("state", "vae.safetensors"), ("clip", "clip-vit-large-patch14")])
 def test_weights_survive_their_file_being_truncated(release_dir, tmp_path, kind, name):
     """Truncating a loaded file used to kill the process with SIGBUS (weights still mapped)."""
     target = tmp_path / name
@@ -46,6 +50,8 @@ def test_weights_survive_their_file_being_truncated(release_dir, tmp_path, kind,
         from safetensors.torch import save_file
 
         save_file(read_state_dict(release_dir / "kl-f8.pth"), str(target))
+    elif (release_dir / name).is_dir():
+        shutil.copytree(release_dir / name, target)
     else:
         shutil.copy(release_dir / name, target)
     script = _TRUNCATE_AFTER_LOAD.format(root=str(ROOT))
