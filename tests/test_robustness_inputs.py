@@ -17,7 +17,7 @@ from conftest import assert_close_ref, load_tensors
 from vd_core import memory_budget, validation
 from vd_core.contexts import GuidedContext
 from vd_core.errors import NumericalError, VDInputError
-from vd_core.flows import SamplingOptions, image_variation, mix_contexts, sample_image
+from vd_core.flows import ImageSlot, SamplingOptions, image_variation, mix_contexts, multi_context, sample_image
 from vd_core.flows.image_prep import resize_images, resize_masks
 from vd_core.image_io import pil_to_tensor, read_image_file, read_mask_file
 from vd_core.models import ALL_FLOWS, load_models
@@ -100,6 +100,13 @@ def test_non_finite_inputs_are_refused_before_sampling(models, case):
         with pytest.raises(VDInputError, match="strength"):
             mix_contexts([case["contexts"], case["contexts"]], strengths)
     assert calls == []  # nothing reached the diffuser
+    image = torch.rand(1, 3, case["height"], case["width"])
+    size = {"n": 1, "width": case["width"], "height": case["height"], "options": SamplingOptions(steps=2)}
+    for bad in (math.nan, math.inf):
+        with pytest.raises(VDInputError, match="weight"):
+            multi_context(models, "", [ImageSlot(image, weight=bad)], **size)
+        with pytest.raises(VDInputError, match="text strength"):
+            multi_context(models, "a prompt", [ImageSlot(image)], text_strength=bad, **size)
 
 
 def test_damaged_weights_are_named_instead_of_a_nan_image(models, case):
