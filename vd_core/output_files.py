@@ -20,6 +20,7 @@ import errno
 import os
 import signal
 import tempfile
+import threading
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -119,7 +120,10 @@ class TerminateAsError:
     removed as on Ctrl-C) instead of killing the process where it stands."""
 
     def __enter__(self):
-        self._previous = signal.signal(signal.SIGTERM, self._handle)
+        # signal handlers can only be set from the main thread (main() called elsewhere: no handler)
+        self._active = threading.current_thread() is threading.main_thread()
+        if self._active:
+            self._previous = signal.signal(signal.SIGTERM, self._handle)
         return self
 
     def _handle(self, signum, frame):
@@ -127,7 +131,8 @@ class TerminateAsError:
         raise Terminated("terminated (SIGTERM)")
 
     def __exit__(self, *exc) -> bool:
-        signal.signal(signal.SIGTERM, self._previous)
+        if self._active:
+            signal.signal(signal.SIGTERM, self._previous)
         return False
 
 
