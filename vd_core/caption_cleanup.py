@@ -71,8 +71,10 @@ def _drop_immediate_repeats(ids: np.ndarray, n: int) -> np.ndarray:
         last = len(ids) - 2 * n  # the last start of two adjacent n-grams
         if last < start:
             return ids
-        # candidates: the first tokens of the two n-grams agree; then compare the whole n-grams
-        candidates = np.flatnonzero(ids[start : last + 1] == ids[start + n : last + 1 + n]) + start
+        # candidates: the first and the last tokens of the two n-grams agree; then the whole n-grams
+        first = ids[start : last + 1] == ids[start + n : last + 1 + n]
+        final = ids[start + n - 1 : last + n] == ids[start + 2 * n - 1 : last + 2 * n]
+        candidates = np.flatnonzero(first & final) + start
         found = next((int(i) for i in candidates if np.array_equal(ids[i : i + n], ids[i + n : i + 2 * n])), None)
         if found is None:
             return ids
