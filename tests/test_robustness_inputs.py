@@ -255,10 +255,14 @@ def test_runs_that_cannot_fit_are_refused_before_allocating(models, case):
         memory_budget.check_image_run_fits(1, 8192, 8192, free=free, **fits)
     with pytest.raises(VDInputError, match="16384"):
         memory_budget.check_image_run_fits(1, 65536, 65536, free=2**60, **fits)
-    # through the sampler: refused before any tensor of the run exists (memory of this machine)
-    with pytest.raises(VDInputError, match="GiB"):
-        sample_image(models.diffuser, case["contexts"], width=16384, height=16384, n=10000,
-                     options=SamplingOptions(steps=2))
+
+def test_the_sampler_checks_the_budget_before_allocating(models, case, monkeypatch):
+    """With (pretended) little free memory, even the fixture's size is refused before any model call."""
+    calls = []
+    monkeypatch.setattr(memory_budget, "available_bytes", lambda device: 1024)
+    with pytest.raises(VDInputError, match="does not fit"):
+        sample(models, case, diffuser=_Counting(models.diffuser, calls))
+    assert calls == []
 
 
 def test_decoding_in_chunks_gives_the_same_images(models, case):
