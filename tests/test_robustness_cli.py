@@ -14,6 +14,8 @@ import pytest
 from PIL import Image
 
 from vd_core import cli, image_io, models
+from vd_core.errors import VDInputError
+from vd_core.output_files import ReservedOutputs, output_paths
 
 
 @pytest.fixture(scope="module")
@@ -89,13 +91,22 @@ def test_unknown_extensions_and_bad_paths_fail_before_sampling(setup, tmp_path, 
     code = cli.main(["text-variation", "--models", setup["models"], "--prompt", "a car", "--out", str(tmp_path / "t.png")])
     assert code == cli.EXIT_ERROR and ".txt" in capsys.readouterr().err
 
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: shutil._ntuple_diskusage(10**9, 10**9 - 100, 100))
+    assert t2i(setup, tmp_path / "y.png", "-n", "1") == cli.EXIT_ERROR
+    assert "MiB free" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file", "folder.png"]  # no partial file left
+
+
+def test_a_full_disk_at_reservation_leaves_nothing(tmp_path, monkeypatch):
     def full_disk(fd, offset, length):
         raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr(os, "posix_fallocate", full_disk, raising=False)
-    assert t2i(setup, tmp_path / "y.png", "-n", "1") == cli.EXIT_ERROR
-    assert "no space left" in capsys.readouterr().err
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["file", "folder.png"]  # no partial file left
+    targets = output_paths(tmp_path / "x.png", 3)
+    with pytest.raises(VDInputError, match="no space left"):
+        with ReservedOutputs(targets, reserve_bytes=4096):
+            pass
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_sigterm_leaves_no_partial_file(setup, tmp_path, monkeypatch, capsys):
@@ -140,3 +151,15 @@ def test_top_seed_runs(setup, tmp_path):
 def test_image_formats_table_matches_pillow():
     for suffix, file_format in image_io.IMAGE_FORMATS.items():
         assert Image.registered_extensions()[suffix] == file_format
+
+
+def test_a_batch_that_cannot_fit_is_refused_before_any_file(setup, tmp_path, capsys, monkeypatch):
+    from vd_core import memory_budget
+
+    width, height = setup["size"]
+    one = memory_budget.decode_bytes(1, width, height, vae_channels=128, itemsize=4)
+    monkeypatch.setattr(memory_budget, "available_bytes", lambda device: 4 * one)  # pretend: a few images fit
+    assert t2i(setup, tmp_path / "many.png", "-n", "10000") == cli.EXIT_ERROR
+    err = capsys.readouterr().err
+    assert "10000 image(s)" in err and "at most" in err
+    assert list(tmp_path.iterdir()) == []

@@ -21,10 +21,20 @@ import torch
 from . import acceleration
 from .errors import Cancelled, VDError, VDInputError
 from .flows import ImageSlot, SamplingOptions
-from .flows.image_prep import resize_images, resize_masks
+from .flows.image_prep import resize_images, resize_masks, resolve_output_size
+from .flows.sampling import check_count
+from .memory_budget import check_image_run_fits
 from .flows.options import SAMPLER_NAMES, SCHEDULER_NAMES
 from .image_io import image_format, read_image_file, read_mask_file, write_image_file
-from .output_files import ReservedOutputs, TerminateAsError, Terminated, check_outputs, output_paths, write_atomically
+from .output_files import (
+    ReservedOutputs,
+    TerminateAsError,
+    Terminated,
+    check_outputs,
+    output_paths,
+    probe_output_folders,
+    write_atomically,
+)
 from .validation import check_device, check_seed
 
 log = logging.getLogger("vd_core")
@@ -164,24 +174,48 @@ def _generate(args) -> int:
     flow_name, kind, _ = COMMANDS[args.command]
     device, dtype = _placement(args.device, args.dtype)
     check_seed(args.seed, "--seed")
+    check_count(args.n, "-n")
     inputs = _flow_inputs(args)  # read input files before the (slow) model loading
     targets = [args.out] if kind == "txt" else output_paths(args.out, args.n)
     check_outputs(targets, inputs=_input_paths(args), overwrite=args.overwrite, kind="text" if kind == "txt" else "image")
-    # Reserve the outputs now: an unwritable folder or a full disk fails before sampling.
-    reserve = 4096 if kind == "txt" else 3 * (args.width or 512) * (args.height or 512) + 4096
-    with ReservedOutputs(targets, reserve_bytes=reserve, overwrite=args.overwrite) as outputs:
-        return _run(args, flow_name, kind, device, dtype, inputs, targets, outputs)
-
-
-def _run(args, flow_name, kind, device, dtype, inputs, targets, outputs) -> int:
-    from . import flows
-    from .models import load_models
+    init = _read_image(args.init_image) if getattr(args, "init_image", None) is not None else None
+    width, height = _output_size(args, inputs, init) if kind == "png" else (0, 0)
+    reserve = 3 * width * height + 4096  # bytes per output file, uncompressed
+    probe_output_folders(targets, reserve * len(targets))
+    from .models import load_models  # looked up at call time (tests replace it)
 
     models = load_models(args.models, flows=(flow_name,), device=device, dtype=dtype)
     if args.fast or args.compile:
         models.diffuser = _accelerated(models.diffuser, device, args)
-    if getattr(args, "init_image", None) is not None:
-        init = _read_image(args.init_image)
+    if kind == "png":
+        # before the outputs are reserved and anything of the run is allocated
+        check_image_run_fits(args.n, width, height, device=device, dtype=dtype,
+                             model_channels=models.diffuser.config.model_channels,
+                             vae_channels=models.require("image_vae", args.command).config.ch,
+                             guided=args.guidance != 1)
+    # Reserve the outputs now: an unwritable folder or a full disk fails before sampling.
+    with ReservedOutputs(targets, reserve_bytes=reserve, overwrite=args.overwrite) as outputs:
+        return _run(args, flow_name, kind, device, dtype, inputs, init, outputs, models)
+
+
+def _output_size(args, inputs, init) -> tuple[int, int]:
+    """The output size the flow will use: --width/--height, else the init image's (cropped to a
+    multiple of 8), else from the input image's aspect ratio, else 512×512."""
+    if init is not None:
+        return args.width or init.shape[-1] // 8 * 8, args.height or init.shape[-2] // 8 * 8
+    image = inputs.get("image")
+    if image is None and inputs.get("slots"):
+        image = inputs["slots"][0].image
+    if image is None:
+        return args.width or 512, args.height or 512
+    return resolve_output_size(image, args.width, args.height)
+
+
+def _run(args, flow_name, kind, device, dtype, inputs, init, outputs, models) -> int:
+    from . import flows
+
+    targets = outputs.targets
+    if init is not None:
         size = (args.width or init.shape[-1] // 8 * 8, args.height or init.shape[-2] // 8 * 8)
         inputs["init_latent"] = models.require("image_vae", "--init-image").encode(resize_images(init, *size))
         inputs["denoise"] = args.denoise

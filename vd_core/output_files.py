@@ -7,9 +7,10 @@ Rules (one place; ``docs/cli.md`` says the same to users):
 * an existing output (each ``name_0.png`` … of a batch too) is refused unless ``--overwrite``;
 * the extension names the format written (``.png``, ``.jpg``/``.jpeg``, ``.webp``; ``.txt`` for text);
   any other extension is refused;
-* before sampling, every output's folder is created if needed and a temporary file is made in it
-  and given the output's uncompressed size on disk, so a folder path, an unwritable folder or a
-  full disk fails at once;
+* before the models are loaded, every output's folder is created if needed, must take a new file
+  and have room for the outputs' uncompressed size (:func:`probe_output_folders`); before sampling
+  a temporary file is made beside every output and given that size on disk, so a folder path, an
+  unwritable folder or a full disk fails before the run;
 * results are written to the temporary files and renamed onto the outputs at the end; on any error,
   Ctrl-C or SIGTERM the temporary files are removed and no output is touched.
 """
@@ -18,6 +19,7 @@ from __future__ import annotations
 
 import errno
 import os
+import shutil
 import signal
 import tempfile
 import threading
@@ -63,6 +65,29 @@ def check_outputs(targets: Sequence[Path], *, inputs: Sequence[Path] = (), overw
             raise VDInputError(f"output {target} already exists; choose another --out, or pass --overwrite to replace it")
         if target.parent.exists() and not target.parent.is_dir():
             raise VDInputError(f"output {target}: {target.parent} is a file, not a folder")
+
+
+def probe_output_folders(targets: Sequence[Path], need_bytes: int) -> None:
+    """Before anything slow: every output folder exists or can be made, takes a new file, and has
+    ``need_bytes`` free (the outputs' uncompressed size); else :class:`VDInputError`."""
+    folders = {}
+    for target in targets:
+        folders.setdefault(target.parent, target)
+    for folder, target in folders.items():
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            handle, probe = tempfile.mkstemp(dir=folder, prefix=f".{target.name}.", suffix=".partial")
+            os.close(handle)
+            os.remove(probe)
+            free = shutil.disk_usage(folder).free
+        except OSError as exc:
+            raise _write_error(exc, target) from None
+        share = need_bytes * sum(t.parent == folder for t in targets) // max(1, len(targets))
+        if free < share:
+            raise VDInputError(
+                f"cannot write {target}: the outputs need about {share / 2**20:.1f} MiB and the disk of {folder} "
+                f"has {free / 2**20:.1f} MiB free; free some space or write elsewhere"
+            )
 
 
 class ReservedOutputs:
