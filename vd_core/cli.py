@@ -87,7 +87,7 @@ def _add_common(sub: argparse.ArgumentParser, kind: str) -> None:
     sub.add_argument("--overwrite", action="store_true", help="replace existing output files (never an input file)")
     sub.add_argument("-n", type=int, default=2 if kind == "png" else 4, help="number of results")
     sub.add_argument("--steps", type=int, default=50, help="sampler steps (default 50)")
-    sub.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance scale (default 7.5)")
+    sub.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance scale 0 … 100 (default 7.5; 1 = none)")
     sub.add_argument("--sampler", choices=SAMPLER_NAMES, default="ddim", help="ddim is the official sampler")
     sub.add_argument("--scheduler", choices=SCHEDULER_NAMES, default="uniform", help="sigmas of the k-samplers")
     sub.add_argument("--eta", type=float, default=None,
