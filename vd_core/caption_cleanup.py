@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import numpy as np
+
 # Punctuation peeled off the start / end of a word into tokens of its own, so that "cat," and
 # "cat" compare equal as words and a comma separates repeats ("hello, hello" stays).
 LEADING_PUNCTUATION = "([{"
@@ -22,20 +24,25 @@ def remove_duplicate_words(text: str) -> str:
     function raises ``IndexError`` on empty words (double, leading or trailing spaces); here the
     empty words are dropped first, i.e. runs of spaces become one and the ends are trimmed.
     Other whitespace (tabs, newlines) is kept inside words, as the official does.
+
+    The official function works on lists of joined n-gram strings and rescans from the start after
+    every removal (cubic or worse in the number of words: 5000 words took minutes). Its n-gram
+    list always equals the n-grams of the current token list, so this works on the tokens
+    themselves: pass n (n = 1, 2, … while two n-grams fit) removes, leftmost first, every n tokens
+    that repeat the n before them, exactly the official order.
     """
     words = [word for word in text.split(" ") if word]
     if not words:
         return ""
-    grams = _split_punctuation(words)
-    # Pass n works on the list of overlapping n-grams: drop immediate repeats, then extend every
-    # n-gram by the last word of its right neighbour, until a single n-gram (the sentence) is left.
+    tokens = _split_punctuation(words)
+    vocabulary: dict[str, int] = {}
+    ids = np.asarray([vocabulary.setdefault(token, len(vocabulary)) for token in tokens], dtype=np.int64)
     n = 1
-    while len(grams) > 1:
-        _drop_immediate_repeats(grams, n)
-        if len(grams) > 1:
-            grams = [grams[i] + " " + grams[i + 1].split(" ")[n - 1] for i in range(len(grams) - 1)]
-            n += 1
-    return grams[0].replace(f" {PUNCTUATION_JOIN} ", "")
+    while 2 * n <= len(ids):
+        ids = _drop_immediate_repeats(ids, n)
+        n += 1
+    names = list(vocabulary)
+    return " ".join(names[i] for i in ids).replace(f" {PUNCTUATION_JOIN} ", "")
 
 
 def _split_punctuation(words: list[str]) -> list[str]:
@@ -55,13 +62,21 @@ def _split_punctuation(words: list[str]) -> list[str]:
     return tokens
 
 
-def _drop_immediate_repeats(grams: list[str], n: int) -> None:
-    """In place: while some n-gram ``grams[i]`` equals ``grams[i + n]`` (the next n words repeat
-    it), delete the n entries after ``grams[i]`` and rescan from the start (the official order)."""
-    i = 0
-    while i < len(grams) - n:
-        if grams[i] == grams[i + n]:
-            del grams[i + 1 : i + n + 1]
-            i = 0
-        else:
-            i += 1
+def _drop_immediate_repeats(ids: np.ndarray, n: int) -> np.ndarray:
+    """Token ids with every immediate repeat of n tokens removed, leftmost first (the official
+    order: after a removal at ``i`` the official rescans from 0, but only windows starting at
+    ``i − n + 1`` or later changed, so the scan resumes there)."""
+    start = 0
+    while True:
+        last = len(ids) - 2 * n  # the last start of two adjacent n-grams
+        if last < start:
+            return ids
+        # candidates: the first and the last tokens of the two n-grams agree; then the whole n-grams
+        first = ids[start : last + 1] == ids[start + n : last + 1 + n]
+        final = ids[start + n - 1 : last + n] == ids[start + 2 * n - 1 : last + 2 * n]
+        candidates = np.flatnonzero(first & final) + start
+        found = next((int(i) for i in candidates if np.array_equal(ids[i : i + n], ids[i + n : i + 2 * n])), None)
+        if found is None:
+            return ids
+        ids = np.concatenate([ids[: found + n], ids[found + 2 * n :]])
+        start = max(0, found - n + 1)

@@ -24,34 +24,58 @@ log = logging.getLogger(__name__)
 _WRAPPER_KEYS = ("state_dict", "model", "module", "params")
 
 
-def read_state_dict(path: str | os.PathLike, *, what: str = "model file", mmap: bool = True) -> dict[str, torch.Tensor]:
+def read_state_dict(path: str | os.PathLike, *, what: str = "model file", mmap: bool = False) -> dict[str, torch.Tensor]:
     """Read ``path`` (``.safetensors``, or a ``torch.save`` file of plain tensors) into a flat dict.
 
-    Tensors keep their stored dtype and stay on the CPU; ``.pth`` files in the zip format are
-    memory-mapped so that a 5 GB file does not need 5 GB of RAM before it is used.
+    Tensors keep their stored dtype and live on the CPU in memory of their own: nothing stays
+    memory-mapped to the user's file, so a file replaced or truncated after loading cannot kill
+    the process (SIGBUS). ``mmap=True`` leaves the tensors mapped, for callers that copy the ones
+    they keep at once (the diffuser loader: loading a few parts of a 5 GB file then needs RAM for
+    those parts only).
 
     Raises:
-        CheckpointError: the file is missing, truncated/corrupt, holds objects other than tensors
-            (a pickle that would need code to load), or holds no tensors at all. The message names
-            ``what`` and the path.
+        CheckpointError: the file is missing, a directory, unreadable (permissions), empty,
+            truncated/corrupt or not a model file, holds objects other than tensors (a pickle that
+            would need code to load), or holds no tensors at all. The message names ``what`` and
+            the path, and never suggests loading unsafely.
     """
     path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"{what} not found: {path}")
-    if path.stat().st_size == 0:
-        raise CheckpointError(f"{what} {path} is empty (0 bytes): the download did not finish; download it again.")
+    _check_readable_file(path, what)
     if path.suffix.lower() in (".safetensors", ".sft"):
-        state = _read_safetensors(path, what)
+        state = _read_safetensors(path, what, mmap)
     else:
         state = _read_torch_file(path, what, mmap)
     return _flatten_tensors(state, path, what)
 
 
-def _read_safetensors(path: Path, what: str) -> dict:
+def _check_readable_file(path: Path, what: str) -> None:
+    if path.is_dir():
+        raise CheckpointError(f"{what} {path} is a folder, not a file; choose the model file inside it.")
+    if not path.exists():
+        raise CheckpointError(f"{what} not found: {path}")
+    if not path.is_file():
+        raise CheckpointError(f"{what} {path} is not a regular file; choose the model file itself.")
+    try:
+        with open(path, "rb"):
+            pass
+    except PermissionError:
+        raise CheckpointError(
+            f"{what} {path} cannot be read: permission denied. Give your user read access (e.g. chmod a+r)."
+        ) from None
+    except OSError as exc:
+        raise CheckpointError(f"{what} {path} cannot be opened: {exc.strerror or exc}.") from None
+    if path.stat().st_size == 0:
+        raise CheckpointError(f"{what} {path} is empty (0 bytes): the download did not finish; download it again.")
+
+
+def _read_safetensors(path: Path, what: str, mmap: bool) -> dict:
     from safetensors.torch import load_file
 
     try:
-        return load_file(str(path), device="cpu")
+        mapped = load_file(str(path), device="cpu")  # memory-mapped by safetensors
+        if mmap:
+            return mapped
+        return {name: mapped.pop(name).clone() for name in list(mapped)}
     except Exception as exc:  # safetensors raises its own SafetensorError and OSError variants
         raise CheckpointError(
             f"{what} {path} is not a readable .safetensors file ({exc}); it is probably truncated or "
@@ -59,21 +83,38 @@ def _read_safetensors(path: Path, what: str) -> dict:
         ) from exc
 
 
+# torch's UnpicklingError text names an unsupported global when the pickle refers to code; any
+# other failure (random or damaged bytes) is a broken file. Only the cause is passed on: torch's
+# hint to retry unsafely is not.
+_UNSAFE_MARK = "Unsupported global:"
+
+
 def _read_torch_file(path: Path, what: str, mmap: bool) -> object:
     use_mmap = mmap and zipfile.is_zipfile(path)  # mmap needs the zip format (torch >= 1.6 files)
     try:
         return torch.load(str(path), map_location="cpu", weights_only=True, mmap=use_mmap)
     except pickle.UnpicklingError as exc:
+        text = str(exc)
+        if _UNSAFE_MARK in text:
+            cause = text[text.index(_UNSAFE_MARK):].split(" was not")[0].split("\n")[0]
+            raise CheckpointError(
+                f"{what} {path} contains Python objects other than tensors ({cause}); loading them would run "
+                "code from the file, so it was not loaded. Use a file of plain tensors or a .safetensors file."
+            ) from None
         raise CheckpointError(
-            f"{what} {path} contains Python objects other than tensors, and loading it would run code "
-            f"from the file; it was not loaded ({str(exc).splitlines()[0]}). Use a file of plain "
-            "tensors or convert it to .safetensors from a trusted environment."
-        ) from exc
+            f"{what} {path} is not a PyTorch checkpoint of tensors: its contents cannot be read (damaged, "
+            "truncated or another kind of file); download it again."
+        ) from None
     except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile) as exc:
         raise CheckpointError(
-            f"{what} {path} could not be read as a PyTorch checkpoint ({str(exc).splitlines()[0]}); "
+            f"{what} {path} could not be read as a PyTorch checkpoint ({_first_line(exc)}); "
             "it is probably truncated or corrupt, or not a model file: download it again."
         ) from exc
+
+
+def _first_line(exc: BaseException) -> str:
+    lines = [line for line in str(exc).splitlines() if line.strip() and "weights_only" not in line]
+    return lines[0].strip() if lines else type(exc).__name__
 
 
 def _flatten_tensors(state: object, path: Path, what: str) -> dict[str, torch.Tensor]:

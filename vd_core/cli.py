@@ -1,35 +1,46 @@
 """The command line: ``python -m vd_core <flow> --models DIR …`` and ``python -m vd_core download``.
 
-Every flow of :mod:`vd_core.flows` is a sub-command writing PNG images or a TXT file (one sentence
-per line). Outputs are written under a temporary name and renamed at the end, so a failed or
-cancelled run never leaves a half-written file. Ctrl-C stops sampling between two steps (a second
-Ctrl-C aborts at once).
+Every flow of :mod:`vd_core.flows` is a sub-command writing images (PNG, JPEG or WebP, as the
+``--out`` extension says) or a TXT file (one sentence per line). What happens to existing files is
+:mod:`vd_core.output_files`' rules (docs/cli.md): inputs are never overwritten, existing outputs
+only with ``--overwrite``, and every output path is checked before sampling. Ctrl-C stops sampling
+between two steps (a second Ctrl-C aborts at once); Ctrl-C and SIGTERM leave no partial file.
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
-import os
 import signal
 import sys
-import tempfile
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
-import numpy as np
 import torch
-from PIL import Image
 
 from . import acceleration
 from .errors import Cancelled, VDError, VDInputError
 from .flows import ImageSlot, SamplingOptions
-from .flows.image_prep import resize_images, resize_masks
+from .flows.image_prep import resize_images, resize_masks, resolve_output_size
+from .flows.sampling import check_count
+from .memory_budget import check_image_run_fits
 from .flows.options import SAMPLER_NAMES, SCHEDULER_NAMES
+from .image_io import image_format, read_image_file, read_mask_file, write_image_file
+from .output_files import (
+    ReservedOutputs,
+    TerminateAsError,
+    Terminated,
+    check_outputs,
+    output_paths,
+    probe_output_folders,
+    write_atomically,
+)
+from .validation import check_device, check_seed
 
 log = logging.getLogger("vd_core")
 
-EXIT_ERROR, EXIT_CANCELLED = 1, 130
+EXIT_ERROR, EXIT_CANCELLED, EXIT_TERMINATED = 1, 130, 143
+__all__ = ["main", "build_parser", "parse_slot", "output_paths", "write_atomically"]
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 # sub-command → (flow function name, output kind, help)
@@ -69,16 +80,19 @@ def build_parser() -> argparse.ArgumentParser:
 def _add_common(sub: argparse.ArgumentParser, kind: str) -> None:
     sub.add_argument("--models", required=True, type=Path, help="folder with the VD model files")
     default_out = "vd.png" if kind == "png" else "vd.txt"
+    formats = ".png, .jpg/.jpeg or .webp: the format written" if kind == "png" else "a .txt file"
     sub.add_argument("--out", type=Path, default=Path(default_out),
-                     help=f"output file (default {default_out}); several images get _0, _1, … before the suffix")
+                     help=f"output file (default {default_out}; {formats}); several images get _0, _1, … before the "
+                     "suffix. Existing files are never replaced without --overwrite; inputs never")
+    sub.add_argument("--overwrite", action="store_true", help="replace existing output files (never an input file)")
     sub.add_argument("-n", type=int, default=2 if kind == "png" else 4, help="number of results")
     sub.add_argument("--steps", type=int, default=50, help="sampler steps (default 50)")
-    sub.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance scale (default 7.5)")
+    sub.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance scale 0 … 100 (default 7.5; 1 = none)")
     sub.add_argument("--sampler", choices=SAMPLER_NAMES, default="ddim", help="ddim is the official sampler")
     sub.add_argument("--scheduler", choices=SCHEDULER_NAMES, default="uniform", help="sigmas of the k-samplers")
     sub.add_argument("--eta", type=float, default=None,
                      help="fresh noise per step (default: 0 for ddim, 1 for euler_ancestral)")
-    sub.add_argument("--seed", type=int, default=20, help="seed (default 20, the WebUI's)")
+    sub.add_argument("--seed", type=int, default=20, help="seed 0 … 2**64−1 (default 20, the WebUI's)")
     sub.add_argument("--per-item-seeds", action="store_true", help="result i uses seed+i (ComfyUI style)")
     sub.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, mps … (default: cuda when available)")
     sub.add_argument("--dtype", choices=[*DTYPES, "auto"], default="auto", help="default fp16 on GPU, fp32 on CPU")
@@ -118,8 +132,8 @@ def _add_flow_arguments(name: str, sub: argparse.ArgumentParser) -> None:
         sub.add_argument("--positive", required=True, help="what the edited image should show")
         sub.add_argument("--negative", default="", help="what to remove from the image's description")
     if COMMANDS[name][1] == "png":
-        sub.add_argument("--width", type=int, help="output width, multiple of 8 (default: from the input or 512)")
-        sub.add_argument("--height", type=int, help="output height, multiple of 8 (default: from the input or 512)")
+        sub.add_argument("--width", type=int, help="output width, any multiple of 8 (default: from the input or 512)")
+        sub.add_argument("--height", type=int, help="output height, any multiple of 8 (default: from the input or 512)")
     if name in ("text-to-image", "dual-context", "multi-context", "edit-image"):
         sub.add_argument("--init-image", type=Path, help="start from this image instead of noise")
         sub.add_argument("--denoise", type=float, default=1.0, help="with --init-image: 0 keep … 1 replace (default 1)")
@@ -130,9 +144,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if getattr(args, "verbose", False) else logging.INFO, format="%(message)s")
     try:
-        if args.command == "download":
-            return _download(args)
-        return _generate(args)
+        with TerminateAsError():
+            if args.command == "download":
+                return _download(args)
+            return _generate(args)
+    except Terminated:
+        sys.stderr.write("terminated; no output written\n")
+        return EXIT_TERMINATED
     except Cancelled:
         sys.stderr.write("cancelled; no output written\n")
         return EXIT_CANCELLED
@@ -153,17 +171,51 @@ def _download(args) -> int:
 
 
 def _generate(args) -> int:
-    from . import flows
-    from .models import load_models
-
     flow_name, kind, _ = COMMANDS[args.command]
     device, dtype = _placement(args.device, args.dtype)
+    check_seed(args.seed, "--seed")
+    check_count(args.n, "-n")
     inputs = _flow_inputs(args)  # read input files before the (slow) model loading
+    targets = [args.out] if kind == "txt" else output_paths(args.out, args.n)
+    check_outputs(targets, inputs=_input_paths(args), overwrite=args.overwrite, kind="text" if kind == "txt" else "image")
+    init = _read_image(args.init_image) if getattr(args, "init_image", None) is not None else None
+    width, height = _output_size(args, inputs, init) if kind == "png" else (0, 0)
+    reserve = 3 * width * height + 4096  # bytes per output file, uncompressed
+    probe_output_folders(targets, reserve * len(targets))
+    from .models import load_models  # looked up at call time (tests replace it)
+
     models = load_models(args.models, flows=(flow_name,), device=device, dtype=dtype)
     if args.fast or args.compile:
         models.diffuser = _accelerated(models.diffuser, device, args)
-    if getattr(args, "init_image", None) is not None:
-        init = _read_image(args.init_image)
+    if kind == "png":
+        # before the outputs are reserved and anything of the run is allocated
+        check_image_run_fits(args.n, width, height, device=device, dtype=dtype,
+                             model_channels=models.diffuser.config.model_channels,
+                             vae_channels=models.require("image_vae", args.command).config.ch,
+                             guided=args.guidance != 1)
+    # Reserve the outputs now: an unwritable folder or a full disk fails before sampling.
+    with ReservedOutputs(targets, reserve_bytes=reserve, overwrite=args.overwrite) as outputs:
+        return _run(args, flow_name, kind, device, dtype, inputs, init, outputs, models)
+
+
+def _output_size(args, inputs, init) -> tuple[int, int]:
+    """The output size the flow will use: --width/--height, else the init image's (cropped to a
+    multiple of 8), else from the input image's aspect ratio, else 512×512."""
+    if init is not None:
+        return args.width or init.shape[-1] // 8 * 8, args.height or init.shape[-2] // 8 * 8
+    image = inputs.get("image")
+    if image is None and inputs.get("slots"):
+        image = inputs["slots"][0].image
+    if image is None:
+        return args.width or 512, args.height or 512
+    return resolve_output_size(image, args.width, args.height)
+
+
+def _run(args, flow_name, kind, device, dtype, inputs, init, outputs, models) -> int:
+    from . import flows
+
+    targets = outputs.targets
+    if init is not None:
         size = (args.width or init.shape[-1] // 8 * 8, args.height or init.shape[-2] // 8 * 8)
         inputs["init_latent"] = models.require("image_vae", "--init-image").encode(resize_images(init, *size))
         inputs["denoise"] = args.denoise
@@ -176,15 +228,26 @@ def _generate(args) -> int:
         )
         result = getattr(flows, flow_name)(models, n=args.n, options=options, **inputs)
     if kind == "txt":
-        write_atomically([args.out], lambda paths: Path(paths[0]).write_text("\n".join(result) + "\n", encoding="utf-8"))
+        outputs.commit(lambda paths: Path(paths[0]).write_text("\n".join(result) + "\n", encoding="utf-8"))
         for line in result:
             sys.stdout.write(line + "\n")
         log.info("wrote %s", args.out)
         return 0
-    targets = output_paths(args.out, result.images.shape[0])
-    write_atomically(targets, lambda paths: [_write_png(img, p) for img, p in zip(result.images, paths)])
+    if result.images.shape[0] != len(targets):
+        raise VDError(f"the flow returned {result.images.shape[0]} images for {len(targets)} outputs")
+    outputs.commit(lambda paths: [write_image_file(img, p, image_format(t)) for img, p, t in zip(result.images, paths, targets)])
     log.info("wrote %s", ", ".join(str(t) for t in targets))
     return 0
+
+
+def _input_paths(args) -> list[Path]:
+    """Every file the command line reads (never to be overwritten)."""
+    paths = [getattr(args, name, None) for name in ("image", "init_image")]
+    for spec in getattr(args, "slots", None) or []:
+        path, *options = spec.split(",")
+        paths.append(Path(path))
+        paths += [Path(o.partition("=")[2].strip()) for o in options if o.strip().startswith("mask=")]
+    return [Path(p) for p in paths if p is not None]
 
 
 def _flow_inputs(args) -> dict:
@@ -218,34 +281,6 @@ def parse_slot(spec: str) -> ImageSlot:
         return ImageSlot(image, mask, float(values.get("weight", 1.0)), float(values.get("focus", 0.5)))
     except ValueError as exc:
         raise VDInputError(f"--image {spec!r}: weight and focus must be numbers ({exc})") from exc
-
-
-def output_paths(out: Path, count: int) -> list[Path]:
-    """``out`` for one result; ``stem_0.suffix`` … for several."""
-    if count == 1:
-        return [out]
-    return [out.with_name(f"{out.stem}_{i}{out.suffix}") for i in range(count)]
-
-
-def write_atomically(targets: Sequence[Path], write: Callable[[list[str]], object]) -> None:
-    """Call ``write`` with temporary paths beside ``targets``, then rename them all onto the targets.
-
-    If ``write`` fails or is interrupted, the temporary files are removed and no target is touched.
-    """
-    temps = []
-    try:
-        for target in targets:
-            target.parent.mkdir(parents=True, exist_ok=True)
-            handle, temp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".partial")
-            os.close(handle)
-            temps.append(temp)
-        write(temps)
-        for temp, target in zip(temps, targets):
-            os.replace(temp, target)
-    finally:
-        for temp in temps:
-            if os.path.exists(temp):
-                os.remove(temp)
 
 
 class _CancelOnInterrupt:
@@ -295,32 +330,17 @@ def _accelerated(diffuser, device: torch.device, args):
 def _placement(device: str, dtype: str) -> tuple[torch.device, torch.dtype]:
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
-    device = torch.device(device)
+    device = check_device(device)
     if dtype == "auto":
         return device, torch.float16 if device.type == "cuda" else torch.float32
     return device, DTYPES[dtype]
 
 
-def _read_pixels(path: Path, mode: str, what: str) -> torch.Tensor:
-    """An image file converted to PIL ``mode`` → ``(C, H, W)`` float in [0, 1]."""
-    try:
-        with Image.open(path) as image:
-            pixels = np.atleast_3d(np.asarray(image.convert(mode)))
-    except (OSError, ValueError) as exc:
-        raise VDInputError(f"cannot read {what} {path}: {exc}") from exc
-    return torch.from_numpy(pixels.copy()).permute(2, 0, 1).float() / 255
-
-
 def _read_image(path: Path) -> torch.Tensor:
-    """An image file → ``(1, 3, H, W)`` float in [0, 1] (RGB; transparency dropped)."""
-    return _read_pixels(path, "RGB", "image")[None]
+    """An image file → ``(1, 3, H, W)`` float in [0, 1] (``vd_core.image_io``: every PIL mode)."""
+    return read_image_file(path)
 
 
 def _read_mask(path: Path) -> torch.Tensor:
-    """A grayscale mask file → ``(1, 1, H, W)`` in [0, 1], white = keep."""
-    return _read_pixels(path, "L", "mask")[None]
-
-
-def _write_png(image: torch.Tensor, path: str) -> None:
-    u8 = (image.detach().float().clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0).cpu().numpy()
-    Image.fromarray(u8, "RGB").save(path, format="PNG")
+    """A mask file → ``(1, 1, H, W)`` in [0, 1], white = keep."""
+    return read_mask_file(path)

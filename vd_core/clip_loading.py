@@ -74,7 +74,8 @@ def load_clip(path: str | os.PathLike, tokenizer="auto", dtype: torch.dtype | No
     if config is None and (folder / "config.json").is_file():  # a folder's, or the one beside a single file
         config = _read_json(folder / "config.json")
     source = f"CLIP file {weights}"
-    found = _split_towers(read_state_dict(weights, what="CLIP model file"), source)
+    # mapped, and only the towers kept are copied out of the file (never left mapped: SIGBUS)
+    found = _split_towers(read_state_dict(weights, what="CLIP model file", mmap=True), source)
     selected = {}
     for kind in towers:
         if kind not in found:
@@ -83,7 +84,8 @@ def load_clip(path: str | os.PathLike, tokenizer="auto", dtype: torch.dtype | No
                 f"{', '.join(found) or 'no'} tower). Load only the towers it has with towers=(...), or use a "
                 f"file with both. {FULL_CLIP_HINT}"
             )
-        selected[kind] = _check_projection(found[kind], kind, source)
+        selected[kind] = {k: v.clone() for k, v in _check_projection(found[kind], kind, source).items()}
+    del found
     if isinstance(tokenizer, str):
         if tokenizer != "auto":
             raise ValueError(f"tokenizer must be 'auto', None or a tokenizer object, got {tokenizer!r}")

@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from .errors import CheckpointError, VDInputError
+from .validation import check_image_values
 
 OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -212,8 +213,7 @@ def check_masks(masks: torch.Tensor, batch: int) -> torch.Tensor:
     if masks.shape[0] not in (1, batch):
         raise VDInputError(f"{masks.shape[0]} masks for {batch} images: give one mask, or one per image")
     masks = masks.float()
-    if torch.isnan(masks).any():
-        raise VDInputError("masks contain NaN values")
+    check_image_values(masks, "masks")  # NaN, inf and 0…255 masks are refused before the clamp
     return masks.clamp(0, 1).expand(batch, -1, -1, -1)
 
 

@@ -23,3 +23,7 @@ class TokenizerNotFoundError(VDError, FileNotFoundError):
 
 class Cancelled(VDError):
     """The host asked to stop (a cancel check returned True) while sampling."""
+
+
+class NumericalError(VDError):
+    """A model computed NaN or infinite values (damaged weights, or an extreme setting)."""

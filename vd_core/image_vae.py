@@ -18,6 +18,8 @@ from torch import nn
 from .checkpoint import describe_keys, load_exactly, read_state_dict, strip_prefix
 from .errors import CheckpointError, VDInputError
 from .image_vae_blocks import Decoder, Encoder
+from .memory_budget import decode_batch_size
+from .validation import check_finite, check_image_values, check_result
 
 log = logging.getLogger(__name__)
 
@@ -123,7 +125,8 @@ class ImageVAE(nn.Module):
         float32, logvar clamped to [−30, 20]. H and W must be multiples of 8 (else VDInputError)."""
         self._check_images(images)
         x = images.to(device=self.device, dtype=self.dtype) * 2 - 1  # the VAE works in [-1, 1] (SPEC §6.1)
-        moments = self.quant_conv(self.encoder(x)).float()
+        moments = check_result(self.quant_conv(self.encoder(x)).float(), "the image VAE's encoding",
+                               "the image VAE weights are probably damaged (NaN/inf in the file): download it again")
         mean, logvar = moments.chunk(2, dim=1)
         return mean, logvar.clamp(LOGVAR_MIN, LOGVAR_MAX)
 
@@ -143,23 +146,40 @@ class ImageVAE(nn.Module):
         return mean + torch.exp(0.5 * logvar) * noise.to(mean.device)
 
     @torch.no_grad()
-    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+    def decode(self, latents: torch.Tensor, batch_size: int | None = None) -> torch.Tensor:
         """Unscaled latents ``(B, 4, h, w)`` → images ``(B, 3, 8h, 8w)`` float32 in [0, 1]
-        (``clamp((y + 1) / 2, 0, 1)`` of the decoder output y)."""
-        if latents.ndim != 4 or latents.shape[1] != self.config.embed_dim:
+        (``clamp((y + 1) / 2, 0, 1)`` of the decoder output y).
+
+        Decodes ``batch_size`` latents at a time (None: as many as fit in half the free memory,
+        ``memory_budget.decode_batch_size``), so a big batch never needs the whole batch's
+        full-resolution activations at once; the images are the same either way.
+        """
+        if not isinstance(latents, torch.Tensor) or latents.ndim != 4 or latents.shape[1] != self.config.embed_dim:
+            shape = tuple(latents.shape) if isinstance(latents, torch.Tensor) else type(latents).__name__
             raise VDInputError(
                 f"image VAE decode: latents must be (B, {self.config.embed_dim}, h, w) unscaled kl-f8 latents, "
-                f"got shape {tuple(latents.shape)}; pass an image LATENT, not a text latent or a context."
+                f"got shape {shape}; pass an image LATENT, not a text latent or a context."
             )
-        z = self.post_quant_conv(latents.to(device=self.device, dtype=self.dtype))
-        return ((self.decoder(z).float() + 1) / 2).clamp(0, 1)
+        check_finite(latents, "image VAE decode: the latents", "they come from a failed sampling run; sample again")
+        n, _, h, w = latents.shape
+        factor = self.config.downsampling_factor
+        if batch_size is None:
+            batch_size = decode_batch_size(n, factor * w, factor * h, vae_channels=self.config.ch,
+                                           itemsize=torch.empty((), dtype=self.dtype).element_size(), device=self.device)
+        chunks = []
+        for start in range(0, n, max(1, batch_size)):
+            z = self.post_quant_conv(latents[start : start + batch_size].to(device=self.device, dtype=self.dtype))
+            chunks.append(((self.decoder(z).float() + 1) / 2).clamp(0, 1))
+        images = chunks[0] if len(chunks) == 1 else torch.cat(chunks)
+        return check_result(images, "the image VAE's decoded images",
+                            "the image VAE weights are probably damaged (NaN/inf in the file): download it again")
 
     def _check_images(self, images: torch.Tensor) -> None:
         factor = self.config.downsampling_factor
-        if images.ndim != 4 or images.shape[1] != self.config.in_channels:
+        if not isinstance(images, torch.Tensor) or images.ndim != 4 or images.shape[1] != self.config.in_channels:
             raise VDInputError(
                 f"image VAE encode: images must be (B, {self.config.in_channels}, H, W) in [0, 1], got shape "
-                f"{tuple(images.shape)}; convert grayscale/RGBA images to RGB and put channels first."
+                f"{tuple(getattr(images, 'shape', ()))}; convert grayscale/RGBA images to RGB and put channels first."
             )
         height, width = images.shape[-2:]
         if height % factor or width % factor:
@@ -168,6 +188,7 @@ class ImageVAE(nn.Module):
                 f"each {factor}×{factor} block of pixels to one latent. Resize or crop the image to a multiple "
                 f"of {factor}, e.g. {width - width % factor or factor}×{height - height % factor or factor}."
             )
+        check_image_values(images, "image VAE encode: the images")
 
 
 def load_image_vae(path: str | os.PathLike, dtype: torch.dtype | None = None, device: str | torch.device = "cpu") -> ImageVAE:

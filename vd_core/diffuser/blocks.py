@@ -18,17 +18,21 @@ from .text_layers import FCBlockMultiDim, text_input_layer, text_output_layer, t
 
 
 class DataSlot(nn.Module):
-    """``data_blocks.N``: holds one data layer as child ``0``; ``forward(h, emb)`` passes the time
-    embedding only to res blocks."""
+    """``data_blocks.N``: holds one data layer as child ``0``; ``forward(h, emb, size)`` passes the
+    time embedding only to res blocks, and ``size`` (the next skip's spatial size) only to image
+    upsampling layers."""
 
     def __init__(self, layer: nn.Module):
         super().__init__()
         self.add_module("0", layer)
         self.takes_emb = isinstance(layer, ResBlock)
+        self.takes_size = isinstance(layer, Upsample)
 
-    def forward(self, h: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
+    def forward(self, h: torch.Tensor, emb: torch.Tensor, size: tuple[int, int] | None = None) -> torch.Tensor:
         layer = self._modules["0"]
-        return layer(h, emb) if self.takes_emb else layer(h)
+        if self.takes_emb:
+            return layer(h, emb)
+        return layer(h, size) if self.takes_size else layer(h)
 
 
 class ContextSlot(nn.Module):

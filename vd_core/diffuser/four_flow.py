@@ -150,7 +150,10 @@ class FourFlowDiffuser(nn.Module):
         h, skips, n_data, n_context = x, [], 0, 0
         for op in self._order:
             if op == DATA:
-                h = data_blocks[n_data](h, emb)
+                # An upsampling layer is always followed by the concatenation of the top skip: it
+                # upsamples to that skip's size (odd latent sides, see image_layers.Upsample).
+                size = skips[-1].shape[2:] if skips and h.dim() == 4 else None
+                h = data_blocks[n_data](h, emb, size)
                 n_data += 1
             elif op == CONTEXT:
                 h = _mix(h, mixing, n_context)
@@ -179,13 +182,12 @@ class FourFlowDiffuser(nn.Module):
                     f"text latents have width {x.shape[1]}; this diffuser takes {config.text_latent_dim}"
                 )
             return
-        # Every level but the deepest halves the resolution, and the way up concatenates skips of
-        # the same size, so the latent must divide evenly.
-        factor = 2 ** (len(config.channel_mult) - 1)
-        if x.shape[1] != config.in_channels or x.shape[2] % factor or x.shape[3] % factor:
+        # Any h, w ≥ 1: the way down rounds odd sides up (⌈h/2⌉) and the way up upsamples to
+        # the skip's size, so every multiple of 8 px works with the kl-f8 VAE.
+        if x.shape[1] != config.in_channels or x.shape[2] < 1 or x.shape[3] < 1:
             raise VDInputError(
                 f"image latents have shape {tuple(x.shape)}; this diffuser takes (B, {config.in_channels}, h, w) "
-                f"with h and w multiples of {factor} (with the kl-f8 VAE: images of multiples of {8 * factor} pixels)"
+                f"latents (images of any multiple of 8 pixels through the kl-f8 VAE)"
             )
 
     def _context_blocks(self, kind: str) -> nn.ModuleList:

@@ -62,14 +62,21 @@ class Downsample(nn.Module):
 
 
 class Upsample(nn.Module):
-    """Nearest ×2 then Conv 3×3: (B, C, H, W) -> (B, C, 2H, 2W)."""
+    """Nearest upsampling then Conv 3×3: (B, C, H, W) -> (B, C, *size), default size (2H, 2W).
+
+    The walk passes the size of the skip activation it concatenates next, so that latents whose
+    sides are not multiples of 8 (a ⌈h/2⌉ downsampling on the way down) fit on the way up, as in
+    ComfyUI's UNet. For size (2H, 2W) nearest-to-size picks the same pixels as the official ×2.
+    """
 
     def __init__(self, channels: int):
         super().__init__()
         self.conv = nn.Conv2d(channels, channels, 3, padding=1)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.conv(F.interpolate(x, scale_factor=2, mode="nearest"))
+    def forward(self, x: torch.Tensor, size: tuple[int, int] | None = None) -> torch.Tensor:
+        if size is None:
+            return self.conv(F.interpolate(x, scale_factor=2, mode="nearest"))
+        return self.conv(F.interpolate(x, size=tuple(size), mode="nearest"))
 
 
 def image_input_layer(in_channels: int, model_channels: int) -> nn.Conv2d:

@@ -38,13 +38,14 @@ WHAT = "VD diffuser file"
 
 def read_diffuser_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     """The diffuser tensors of ``path`` with ``FourFlowDiffuser`` keys (``image.data_blocks.0.0.weight``),
-    whatever the file's layout; tensors keep the file's dtype.
+    whatever the file's layout; tensors keep the file's dtype and are still memory-mapped to the
+    file: copy the ones kept (``load_diffuser`` does).
 
     Raises:
         CheckpointError: unreadable, or not a VD diffuser (the message says what the file looks like).
     """
     path = Path(path)
-    state = read_state_dict(path, what=WHAT)
+    state = read_state_dict(path, what=WHAT, mmap=True)  # mapped: the loader copies what it keeps
     if any(k.startswith("diffuser.") for k in state):
         return strip_prefix(state, "diffuser.")
     if any(k.startswith(f"{LEGACY_ROOT}unet_{kind}.") for k in state for kind in KINDS):
@@ -95,7 +96,8 @@ def load_diffuser(
     weights = {}
     while wanted:  # release each file tensor as soon as its cast copy exists
         key, value = wanted.popitem()
-        weights[key] = value.to(device=device, dtype=dtype)
+        # copy=True: a weight never stays mapped to the user's file (truncating it would SIGBUS)
+        weights[key] = value.to(device=device, dtype=dtype, copy=True)
     model.load_state_dict(weights, strict=True, assign=True)
     log.info("loaded %s from %s (%s, %s)", parts, path, dtype, device)
     return model.requires_grad_(False).eval()

@@ -16,6 +16,7 @@ import torch
 from ..contexts import GuidedContext
 from ..errors import VDInputError
 from ..focus import apply_focus
+from ..validation import check_finite_number, check_image_values
 
 # CLIP context of a black image per encoder: size-independent (every black image preprocesses to
 # the same 224×224 zeros), so one forward serves every call.
@@ -29,12 +30,15 @@ def check_images(images: torch.Tensor, what: str = "image") -> None:
         raise VDInputError(f"{what} must be a (B, 3, H, W) RGB tensor in [0, 1], got {shape}")
     if not images.is_floating_point():
         raise VDInputError(f"{what} must be float in [0, 1], got {images.dtype}; divide uint8 images by 255")
+    check_image_values(images, what)
 
 
 def check_mask(mask: torch.Tensor, images: torch.Tensor, what: str = "mask") -> None:
     """Masks are ``(1 | B, 1, H, W)`` in [0, 1] (1 = keep) matching their images' batch and size."""
-    if mask.dim() != 4 or mask.shape[1] != 1:
-        raise VDInputError(f"{what} must be (B, 1, H, W) with 1 = keep, got {tuple(mask.shape)}")
+    if not isinstance(mask, torch.Tensor) or mask.dim() != 4 or mask.shape[1] != 1:
+        shape = tuple(mask.shape) if isinstance(mask, torch.Tensor) else type(mask).__name__
+        raise VDInputError(f"{what} must be (B, 1, H, W) with 1 = keep, got {shape}")
+    check_image_values(mask.float(), what)
     if mask.shape[0] not in (1, images.shape[0]):
         raise VDInputError(
             f"{what} has batch {mask.shape[0]} but its image batch is {images.shape[0]}; give one mask, "
@@ -86,9 +90,10 @@ def image_context(
     if mask is not None:
         check_mask(mask, image)
         mask = mask.expand(image.shape[0], -1, -1, -1)
+    check_finite_number(focus, "focus", "0.5 leaves the image as is")
     if not 0.0 <= focus <= 1.0:
         raise VDInputError(f"focus must be between 0 (semantic) and 1 (style), got {focus}; 0.5 leaves the image as is")
-    if weight < 0:
+    if check_finite_number(weight, "image weight", "1 is the default") < 0:
         raise VDInputError(f"image weight must be ≥ 0, got {weight}")
     cond = apply_focus(clip.encode_image(image, masks=mask), focus) * weight
     return GuidedContext("image", cond, torch.zeros_like(cond[:1]), text_flow_uncond=black_image_context(clip, image))
@@ -119,6 +124,8 @@ def mix_contexts(groups: Sequence[Sequence[GuidedContext]], strengths: Sequence[
     """
     if len(groups) != len(strengths):
         raise VDInputError(f"{len(groups)} context groups but {len(strengths)} strengths; give one strength per group")
+    for i, strength in enumerate(strengths):
+        check_finite_number(strength, f"strength {i + 1} of the context mix", "use a value in 0 … 1")
     if any(s < 0 for s in strengths) or not any(s > 0 for s in strengths):
         raise VDInputError(f"strengths must be ≥ 0 and not all 0, got {list(strengths)}")
     mixed = []

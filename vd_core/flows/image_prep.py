@@ -11,6 +11,8 @@ import numpy as np
 import torch
 from PIL import Image
 
+from ..validation import check_image_values
+
 # VD was trained at 512×512: the default output puts the longer side there (SPEC §8).
 DEFAULT_LONG_SIDE = 512
 
@@ -44,8 +46,10 @@ def resolve_output_size(image: torch.Tensor, width: int | None, height: int | No
 def resize_images(images: torch.Tensor, width: int, height: int) -> torch.Tensor:
     """Resize ``(B, 3, H, W)`` images in [0, 1] with PIL bicubic, through 8-bit RGB like the WebUI.
 
-    Images already at ``width``×``height`` are returned unchanged (no 8-bit rounding).
+    Images already at ``width``×``height`` are returned unchanged (no 8-bit rounding). NaN and
+    values far outside [0, 1] are refused first (the 8-bit conversion would clamp them away).
     """
+    check_image_values(images, "image to resize")
     if images.shape[-2:] == (height, width):
         return images
     out = []
@@ -57,7 +61,9 @@ def resize_images(images: torch.Tensor, width: int, height: int) -> torch.Tensor
 
 
 def resize_masks(masks: torch.Tensor, width: int, height: int) -> torch.Tensor:
-    """Resize ``(B, 1, H, W)`` masks in [0, 1] with PIL bilinear (in float, no 8-bit rounding)."""
+    """Resize ``(B, 1, H, W)`` masks in [0, 1] with PIL bilinear (in float, no 8-bit rounding);
+    NaN and values far outside [0, 1] are refused first (the result is clamped)."""
+    check_image_values(masks, "mask to resize")
     if masks.shape[-2:] == (height, width):
         return masks
     out = []

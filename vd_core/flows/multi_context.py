@@ -16,6 +16,7 @@ import torch
 
 from ..contexts import GuidedContext
 from ..errors import VDInputError
+from ..validation import check_finite_number
 from .context_builders import check_images, check_mask, image_context, mix_contexts, text_context
 from .image_prep import resize_images, resize_masks, resolve_output_size
 from .options import SamplingOptions
@@ -24,6 +25,7 @@ from .sampling import check_count, check_image_size, sample_image
 
 
 def check_text_strength(text_strength: float) -> None:
+    check_finite_number(text_strength, "text strength", "0 = images only, 1 = text only")
     if not 0.0 <= text_strength <= 1.0:
         raise VDInputError(f"text strength must be between 0 (image only) and 1 (text only), got {text_strength}")
 

@@ -19,6 +19,7 @@ from ..contexts import ContextKind, GuidedContext
 from ..diffuser import ContextInput
 from ..errors import VDInputError
 from ..image_vae import LATENT_SCALE
+from ..memory_budget import check_image_run_fits
 from ..samplers import (
     BatchNoise,
     GuidedEps,
@@ -36,7 +37,8 @@ from ..samplers import (
     sigmas_karras,
     sigmas_uniform,
 )
-from .options import SAMPLER_NAMES, SCHEDULER_NAMES, SamplingOptions
+from ..validation import check_finite, check_finite_number, check_result, check_seed, generator_seed
+from .options import MAX_GUIDANCE, SAMPLER_NAMES, SCHEDULER_NAMES, SamplingOptions
 
 log = logging.getLogger(__name__)
 
@@ -45,8 +47,12 @@ def check_options(options: SamplingOptions) -> None:
     """Raise :class:`VDInputError` naming the field and the fix when ``options`` cannot be used."""
     if isinstance(options.steps, bool) or not isinstance(options.steps, int) or options.steps < 1:
         raise VDInputError(f"steps must be a whole number ≥ 1, got {options.steps!r}; 50 is the official value")
-    if not math.isfinite(options.guidance) or options.guidance < 0:
-        raise VDInputError(f"guidance must be ≥ 0, got {options.guidance}; 7.5 is the official value (1 = no guidance)")
+    guidance = check_finite_number(options.guidance, "guidance", "7.5 is the official value")
+    if not 0 <= guidance <= MAX_GUIDANCE:
+        raise VDInputError(
+            f"guidance must be in 0 … {MAX_GUIDANCE:g}, got {options.guidance}; 7.5 is the official value (1 = no guidance)"
+        )
+    check_seed(options.seed)
     if options.sampler not in SAMPLER_NAMES:
         raise VDInputError(f"unknown sampler {options.sampler!r}; choose one of {', '.join(SAMPLER_NAMES)}")
     if options.scheduler not in SCHEDULER_NAMES:
@@ -78,8 +84,8 @@ def check_image_size(width: int, height: int) -> None:
 def make_noise(options: SamplingOptions, n: int) -> NoiseSource:
     """The run's noise source (see :class:`SamplingOptions`: official order or one seed per item)."""
     if options.per_item_seeds:
-        return PerItemNoise([options.seed + i for i in range(n)])
-    return BatchNoise(options.seed + 100)  # the WebUI's torch.manual_seed(seed + 100), SPEC §8
+        return PerItemNoise([generator_seed(options.seed, i) for i in range(n)])
+    return BatchNoise(generator_seed(options.seed, 100))  # the WebUI's torch.manual_seed(seed + 100), SPEC §8
 
 
 def encode_start_latent(image_vae, images: torch.Tensor, noise: NoiseSource, n: int) -> torch.Tensor:
@@ -139,9 +145,12 @@ def sample_image(
     check_count(n)
     check_image_size(width, height)
     device, dtype = _placement(diffuser, options)
+    check_image_run_fits(n, width, height, device=device, dtype=dtype, model_channels=diffuser.config.model_channels,
+                         guided=options.guidance != 1)
     shape = (n, diffuser.config.in_channels, height // 8, width // 8)
     x0 = None
     if init_latent is not None:
+        check_finite(init_latent, "init_latent", "encode the start image again (VAE Encode)")
         if init_latent.dim() != 4 or init_latent.shape[0] not in (1, n) or tuple(init_latent.shape[1:]) != shape[1:]:
             raise VDInputError(
                 f"init_latent has shape {tuple(init_latent.shape)} but a {width}×{height} run of {n} needs "
@@ -150,7 +159,7 @@ def sample_image(
         x0 = init_latent.to(device=device, dtype=dtype).expand(shape) * LATENT_SCALE
     eps = _guided_eps(diffuser, contexts, "image", n, options, device, dtype)
     x = run_sampler(eps, torch.zeros(shape, device=device, dtype=dtype), options, noise or make_noise(options, n), x0, denoise)
-    return x / LATENT_SCALE
+    return check_result(x / LATENT_SCALE, "the sampled image latents")
 
 
 @torch.no_grad()
@@ -179,23 +188,35 @@ def sample_text(
     device, dtype = _placement(diffuser, options)
     eps = _guided_eps(diffuser, contexts, "text", n, options, device, dtype)
     like = torch.zeros(n, diffuser.config.text_latent_dim, device=device, dtype=dtype)
-    return run_sampler(eps, like, options, noise or make_noise(options, n), None, 1.0)
+    return check_result(run_sampler(eps, like, options, noise or make_noise(options, n), None, 1.0), "the sampled text latents")
 
 
 def _placement(diffuser, options: SamplingOptions) -> tuple[torch.device, torch.dtype]:
-    """Where to sample: the options' device/dtype (the diffuser is moved there) or the diffuser's."""
+    """Where to sample: the diffuser's device and dtype, which the options may only confirm.
+
+    A diffuser is shared (a ComfyUI graph, several threads): converting it in place for one run
+    would change it under another run, so a different device or dtype is refused with the fix.
+    """
     parameter = next(diffuser.parameters())
     device = torch.device(options.device) if options.device is not None else parameter.device
     dtype = options.dtype or parameter.dtype
+    if device.type == parameter.device.type and device.index is None:
+        device = parameter.device  # "cuda" names the diffuser's own GPU
     if (parameter.device, parameter.dtype) != (device, dtype):
-        log.info("moving the diffuser to %s, %s", device, dtype)
-        diffuser.to(device=device, dtype=dtype)
+        raise VDInputError(
+            f"the diffuser is on {parameter.device} in {parameter.dtype} but sampling was asked on {device} in {dtype}; "
+            "it is not converted in place (another run may be using it): load it there, e.g. "
+            f"load_models(..., device={str(device)!r}, dtype={dtype}), or leave SamplingOptions.device/dtype unset"
+        )
     return device, dtype
 
 
 def _guided_eps(diffuser, contexts, data_kind: ContextKind, n, options, device, dtype) -> GuidedEps:
     if not contexts:
         raise VDInputError("no context given: a flow needs at least one prompt or image")
+    for i, c in enumerate(contexts):
+        check_finite_number(c.ratio, f"the strength (ratio) of context {i + 1} ({c.kind})", "use a value in 0 … 1")
+        check_finite(c.cond, f"the {c.kind} context {i + 1}", "encode the prompt or image again")
     kept = [c for c in contexts if c.ratio > 0]  # a zero-ratio context adds 0·Δ (SPEC §4.3)
     if not kept:
         raise VDInputError("every context has strength 0; give at least one a strength above 0")

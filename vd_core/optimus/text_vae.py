@@ -15,6 +15,7 @@ from torch import nn
 
 from ..checkpoint import describe_keys, load_exactly, read_state_dict, strip_prefix
 from ..errors import CheckpointError, TokenizerNotFoundError, VDInputError
+from ..validation import check_finite, check_result
 from .bert_encoder import BertEncoderConfig, BertLatentEncoder
 from .decoding import caption_from_ids, generate_token_ids
 from .gpt2_decoder import GPT2DecoderConfig, GPT2LatentDecoder
@@ -61,6 +62,10 @@ class OptimusVAE(nn.Module):
             if not text.strip():
                 raise VDInputError(f"text {i} is empty; Optimus needs at least one word to encode")
             pieces = bert.tokenize(text.lower())[:MAX_WORD_PIECES]
+            if not pieces:  # BERT drops control characters: nothing would be encoded but [CLS] [SEP]
+                raise VDInputError(
+                    f"text {i} ({text[:40]!r}) holds no word, only control characters or spaces; give a sentence"
+                )
             rows.append([bert.cls_id, *bert.convert_tokens_to_ids(pieces), bert.sep_id])
         width = max((len(r) for r in rows), default=2)
         return torch.tensor([r + [0] * (width - len(r)) for r in rows], dtype=torch.long).view(len(rows), width)
@@ -75,7 +80,8 @@ class OptimusVAE(nn.Module):
                 official code would encode ``[CLS] [SEP]`` or a random special token).
         """
         token_ids = self.tokenize(texts).to(self.encoder.linear.weight.device)
-        return self.encoder(token_ids)
+        return check_result(self.encoder(token_ids), "the Optimus encoding",
+                            "the Optimus weights are probably damaged (NaN/inf in the file): download it again")
 
     @torch.no_grad()
     def decode(self, latents: torch.Tensor, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
@@ -113,6 +119,8 @@ class OptimusVAE(nn.Module):
         if not isinstance(latents, torch.Tensor) or latents.dim() != 2 or latents.shape[1] != self.latent_size:
             shape = tuple(latents.shape) if isinstance(latents, torch.Tensor) else type(latents).__name__
             raise VDInputError(f"Optimus decode needs text latents (B, {self.latent_size}), got {shape}")
+        check_finite(latents, "Optimus decode: the text latents", "they come from a failed sampling run or damaged "
+                     "diffuser weights; sample again, or download the model again")
         if not greedy and not temperature > 0:
             raise VDInputError(f"temperature must be > 0 for sampling, got {temperature}")
         if top_k < 0 or not 0.0 <= top_p <= 1.0:

@@ -22,6 +22,7 @@ from typing import Protocol, runtime_checkable
 import torch
 
 from ..errors import VDInputError
+from ..validation import generator_seed
 
 
 @runtime_checkable
@@ -34,7 +35,7 @@ class NoiseSource(Protocol):
 def _generator(seed_or_generator: int | torch.Generator) -> torch.Generator:
     if isinstance(seed_or_generator, torch.Generator):
         return seed_or_generator
-    return torch.Generator(device="cpu").manual_seed(int(seed_or_generator))
+    return torch.Generator(device="cpu").manual_seed(generator_seed(seed_or_generator))
 
 
 def _draw(shape: Sequence[int], generator: torch.Generator, like: torch.Tensor) -> torch.Tensor:
