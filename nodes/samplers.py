@@ -19,7 +19,9 @@ from ..vd_core.errors import MissingPartError, VDInputError
 from ..vd_core.flows.multi_context import join_image_contexts
 from ..vd_core.flows.options import SAMPLER_NAMES, SCHEDULER_NAMES, SamplingOptions
 from ..vd_core.flows.sampling import check_image_size, sample_text
+from ..vd_core.memory_budget import check_image_run_fits
 from ..vd_core.samplers import PerItemNoise
+from ..vd_core.validation import check_finite, check_result, check_seed
 from . import comfy_bridge as bridge
 from .node_errors import reported_as
 from .types import MAX_SEED, STORAGE_DEVICE, VD_CONTEXT, VD_MODEL, VD_TEXT_LATENT
@@ -63,9 +65,10 @@ def _options(seed, steps, cfg, sampler, scheduler, eta, callback) -> SamplingOpt
 
 
 def item_noise(seed: int, batch_index) -> PerItemNoise:
-    """One generator per batch item, seeded ``seed + batch_index[i]`` (wrapping at 2⁶⁴ like the
-    frontend's seed range)."""
-    return PerItemNoise([(int(seed) + int(b)) % (MAX_SEED + 1) for b in batch_index])
+    """One generator per batch item, seeded ``seed + batch_index[i]`` (vd_core's seed rule: the
+    whole 0…2⁶⁴−1 range of ComfyUI's widget, sums wrapping around)."""
+    seed = check_seed(seed)
+    return PerItemNoise([seed + int(b) for b in batch_index])
 
 
 def require_text_model(model, display_name: str):
@@ -88,6 +91,7 @@ def _latent_batch(latent: dict, display_name: str) -> tuple[torch.Tensor, list[i
             f"{display_name}: the latent must be a 4-channel image latent (B, 4, H/8, W/8), got {shape}; "
             "make it with VAE Encode (VD Loader's vae) or Empty Latent Image"
         )
+    check_finite(samples, f"{display_name}: the latent's samples", "make it again with VAE Encode or Empty Latent Image")
     batch_index = list(latent.get("batch_index") or range(samples.shape[0]))
     if len(batch_index) != samples.shape[0]:
         raise VDInputError(
@@ -150,16 +154,19 @@ class _ImageSampler:
             if latent is not None:
                 samples, batch_index = _latent_batch(latent, name)
                 noise_mask = latent.get("noise_mask")
+                height, width = samples.shape[2] * 8, samples.shape[3] * 8
             else:
                 check_image_size(width, height)
                 channels = model.get_model_object("latent_format").latent_channels
                 samples = torch.zeros(batch_size, channels, height // 8, width // 8)
                 batch_index, noise_mask = list(range(batch_size)), None
+            check_image_run_fits(len(batch_index), width, height, device=model.load_device, dtype=model.model_dtype(),
+                                 model_channels=model.model.diffusion_model.model_channels)
             options = _options(seed, steps, cfg, sampler, scheduler, eta, preview_callback(model, steps))
             result = sample_image_latent(model, context, samples, options=options, noise=item_noise(seed, batch_index),
                                          denoise=denoise if latent is not None else 1.0, noise_mask=noise_mask)
             out = dict(latent) if latent is not None else {}
-            out["samples"] = result.to(STORAGE_DEVICE, torch.float32)
+            out["samples"] = check_result(result, "the sampled image latents").to(STORAGE_DEVICE, torch.float32)
             return (out,)
 
 

@@ -7,6 +7,7 @@ import torch
 from ..vd_core.caption_cleanup import remove_duplicate_words
 from ..vd_core.errors import VDInputError
 from ..vd_core.flows.edit_image_with_text import edit_text_latents
+from ..vd_core.validation import check_seed, generator_seed
 from .node_errors import reported_as, require_part
 from .types import MAX_SEED, STORAGE_DEVICE, VD_OPTIMUS, VD_TEXT_LATENT
 
@@ -65,7 +66,7 @@ class VDOptimusTextDecode:
             # Sentence i draws from its own generator (seed + i), like the samplers' batch items.
             sentences = [
                 model.decode(latent[None], temperature=temperature, greedy=(mode == "greedy"), max_length=max_tokens,
-                             generator=torch.Generator().manual_seed((seed + i) % (MAX_SEED + 1)))[0]
+                             generator=torch.Generator().manual_seed(generator_seed(check_seed(seed), i)))[0]
                 for i, latent in enumerate(latents)
             ]
             if clean_up:

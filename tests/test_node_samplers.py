@@ -229,3 +229,16 @@ def _unused_by_image_context(diffuser, layer) -> bool:
     """Layers an image-context text-flow run never calls (the text-context layers)."""
     blocks = diffuser.text.context_blocks
     return blocks is not None and any(layer is m for m in blocks.modules())
+
+
+def test_whole_seed_range_and_non_finite_latents(nodes, parts, contexts, pack, latent_shape):
+    """ComfyUI's seed widget reaches 2⁶⁴−1: item 1 of a batch there wraps to seed 0; a latent with
+    NaN is refused before sampling, naming the node."""
+    top = pack.nodes.types.MAX_SEED
+    batch = _image_latent(nodes, "VDTextToImage", parts, contexts["prompt0"], top, batch_size=2)["samples"]
+    wrapped = _image_latent(nodes, "VDTextToImage", parts, contexts["prompt0"], 0)["samples"]
+    assert_close_ref(batch[1:], wrapped, 1e-5, "seed 2⁶⁴−1 + 1 wraps to 0")
+    broken = torch.zeros(1, *latent_shape)
+    broken[0, 0, 0, 0] = float("nan")
+    with pytest.raises(pack.vd_core.errors.VDInputError, match=r"^VD Text to Image: .*latent"):
+        _image_latent(nodes, "VDTextToImage", parts, contexts["prompt0"], 1, latent={"samples": broken}, denoise=0.5)
