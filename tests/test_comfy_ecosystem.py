@@ -1,0 +1,224 @@
+"""ComfyUI's ecosystem on VD's image MODEL, in a real ComfyUI in-process, on the tiny release model.
+
+Issue 11 item 4: an SD 1.5-format LoRA (kohya and diffusers/PEFT keys) changes the output exactly
+as merging its delta does; FreeU / FreeU_V2, Self-Attention Guidance, Perturbed Attention Guidance
+and HyperTile run and change the output; an SD 1.5-architecture ControlNet runs; attention (attn2)
+patches apply, to both context layers of a mix; ModelSave / model merging give a file the VD
+Loader loads back; what cannot apply says so.
+
+Runs when ``$VD_COMFYUI_DIR`` names a ComfyUI work tree and pytest runs with its Python, e.g.
+``VD_COMFYUI_DIR=/tmp/ComfyUI /tmp/venv-comfy/bin/python -m pytest -q tests/test_comfy_ecosystem.py``.
+Sizes come from the model (its downsampling), never from one fixture set.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import logging
+import os
+import sys
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from node_fixtures import comfy_image, first_context
+
+DIFFUSER = "vd-four-flow-v1-0-fp16.pth"
+CLIP = "clip-vit-large-patch14"
+STEPS = 4  # few steps: every feature below acts at every step
+CFG = 7.5
+SEED = 7
+
+
+@pytest.fixture(scope="module")
+def comfy(pack, release_dir, tmp_path_factory):
+    """ComfyUI imported in-process on the CPU (``$VD_COMFYUI_DIR``), the tiny release folder as
+    the VD model folder and a temporary folder for LoRAs and saved models."""
+    comfy_dir = os.environ.get("VD_COMFYUI_DIR")
+    if not comfy_dir:
+        pytest.skip("set VD_COMFYUI_DIR to a ComfyUI work tree (and run pytest with its Python) to test inside ComfyUI")
+    if comfy_dir not in sys.path:
+        sys.path.insert(0, comfy_dir)  # before the repository root: `nodes` is ComfyUI's nodes.py
+    argv, sys.argv = sys.argv, [sys.argv[0], "--cpu"]  # ComfyUI parses the command line on import
+    try:
+        import comfy.options
+
+        comfy.options.enable_args_parsing()
+        import comfy.model_management  # noqa: F401
+        import folder_paths
+        import nodes as comfy_nodes
+    finally:
+        sys.argv = argv
+    work = tmp_path_factory.mktemp("comfy_models")
+    folder_paths.add_model_folder_path("versatile_diffusion", str(release_dir))
+    folder_paths.add_model_folder_path("clip_vision", str(release_dir))
+    folder_paths.add_model_folder_path("loras", str(work / "loras"))
+    folder_paths.add_model_folder_path("versatile_diffusion", str(work / "saved"))
+    (work / "loras").mkdir()
+    (work / "saved").mkdir()
+    return SimpleNamespace(nodes=comfy_nodes, folder_paths=folder_paths, work=work,
+                           vd=importlib.import_module("vd_pack.nodes"))
+
+
+@pytest.fixture(scope="module")
+def vd(comfy, nodes, release_dir):
+    """The pack's nodes, the VD CLIP, the text and image contexts of the fixture's prompt/image."""
+    with torch.inference_mode():
+        _, _, clip, _, _ = nodes["VDLoader"].load(DIFFUSER, "none", "none", "none", CLIP, "none", "fp32")
+        prompt = json.loads((release_dir / "expected" / "clip.json").read_text())["prompts"][0]
+        text = nodes["VDCLIPTextContext"].encode(clip, prompt, "")[0]
+        image = nodes["VDCLIPImageContext"].encode(comfy_image(release_dir / "expected" / "image_0.png"), 0.5, 1.0,
+                                                   clip=clip)[0]
+        (mix,) = nodes["VDDualContextMixer"].mix(text, 0.4, image, 0.6)
+    return SimpleNamespace(nodes=nodes, text=text, image=image, mix=mix)
+
+
+def load_model(nodes, image_model="text", diffuser=DIFFUSER):
+    with torch.inference_mode():
+        return nodes["VDLoader"].load(diffuser, image_model, "none", "none", "none", "none", "fp32")[0]
+
+
+@pytest.fixture(scope="module")
+def text_model(vd):
+    return load_model(vd.nodes, "text")
+
+
+@pytest.fixture(scope="module")
+def mix_model(vd):
+    return load_model(vd.nodes, "text+image")
+
+
+def downsampling(model) -> int:
+    """Pixels per latent cell at the UNet's deepest level (8 × 2^(levels − 1))."""
+    return 8 * 2 ** (len(model.model.model_config.unet_config["channel_mult"]) - 1)
+
+
+def sizes(model, cells: int = 4) -> tuple[int, int]:
+    """(width, height) in pixels giving ``cells`` × ``cells − 1`` cells at the deepest level (not
+    square, so a transposed layout would show)."""
+    return downsampling(model) * cells, downsampling(model) * (cells - 1)
+
+
+def vd_sample(vd, model, context, width, height, seed=SEED):
+    """VD Text to Image (the exact official DDIM) on ``model``: unscaled latents (1, 4, h, w)."""
+    with torch.inference_mode():
+        (latent,) = vd.nodes["VDTextToImage"].sample(model, context, seed, STEPS, CFG, "ddim", "uniform", 0.0,
+                                                     width, height, 1)
+    return latent["samples"]
+
+
+def ksample(comfy, model, positive, negative, width, height, seed=SEED):
+    """Core KSampler (ddim / ddim_uniform) on ``model``."""
+    with torch.inference_mode():
+        latent = {"samples": torch.zeros(1, 4, height // 8, width // 8)}
+        (out,) = comfy.nodes.common_ksampler(model, seed, STEPS, CFG, "ddim", "ddim_uniform", positive, negative, latent)
+    return out["samples"]
+
+
+def conditioning(vd, context):
+    return vd.nodes["VDContextToConditioning"].convert(context)
+
+
+def max_diff(a, b) -> float:
+    return (a.float() - b.float()).abs().max().item()
+
+
+def assert_changed(patched, plain, what):
+    """The patch must move the output by a visible amount (not rounding noise)."""
+    change = max_diff(patched, plain)
+    assert change > 1e-3 * max(1.0, plain.abs().max().item()), f"{what}: output unchanged (max|Δ| = {change:.2e})"
+    return change
+
+
+# ----------------------------------------------------------------------------- 1. SD 1.5 LoRAs
+
+# SD 1.x UNet module names in the LoRA key styles ComfyUI reads (comfy/lora.py model_lora_keys_unet)
+# → ComfyUI's native (ldm) weight names, and the file's (down, up) suffixes. These are SD 1.x's fixed
+# correspondences (down_blocks.0 = level 0 = input_blocks 1–2, mid_block = middle_block), not sizes.
+KOHYA = (".lora_down.weight", ".lora_up.weight")  # + ".alpha" (scale alpha / rank)
+DIFFUSERS = ("_lora.down.weight", "_lora.up.weight")  # diffusers' attention-processor LoRAs (scale 1)
+PEFT = (".lora_A.weight", ".lora_B.weight")  # diffusers/PEFT (scale 1)
+LORA_TARGETS = {
+    "kohya": {
+        "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn2_to_k":
+            ("input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight", KOHYA),
+        "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn2_to_v":
+            ("input_blocks.1.1.transformer_blocks.0.attn2.to_v.weight", KOHYA),
+        "lora_unet_mid_block_attentions_0_transformer_blocks_0_attn2_to_k":
+            ("middle_block.1.transformer_blocks.0.attn2.to_k.weight", KOHYA),
+        "lora_unet_down_blocks_0_resnets_0_conv1": ("input_blocks.1.0.in_layers.2.weight", KOHYA),
+    },
+    "diffusers": {
+        "unet.down_blocks.0.attentions.1.transformer_blocks.0.attn2.processor.to_k":
+            ("input_blocks.2.1.transformer_blocks.0.attn2.to_k.weight", DIFFUSERS),
+        "unet.down_blocks.0.attentions.1.transformer_blocks.0.attn2.processor.to_v":
+            ("input_blocks.2.1.transformer_blocks.0.attn2.to_v.weight", DIFFUSERS),
+        "unet.down_blocks.0.resnets.1.conv2": ("input_blocks.2.0.out_layers.3.weight", PEFT),
+    },
+}
+LORA_STRENGTH = 0.8
+
+
+def make_lora(model, style: str, rank: int = 2, seed: int = 0):
+    """An SD 1.5-format LoRA for ``model``'s sizes: ``(file tensors, {native weight name: merged delta})``.
+
+    Each target gets ``down`` (r, in[, kh, kw]) and ``up`` (out, r[, 1, 1]); kohya files also carry
+    ``.alpha`` (scale alpha / r, here 1/2), the others scale 1. The delta, ``strength · scale · up @ down``
+    reshaped to the weight, is computed here independently of ComfyUI.
+    """
+    generator = torch.Generator().manual_seed(seed)
+    unet = model.model.diffusion_model
+    tensors, deltas = {}, {}
+    for name, (native, (down_suffix, up_suffix)) in LORA_TARGETS[style].items():
+        weight = unet.get_parameter(native)
+        out_ch, in_ch, *kernel = weight.shape
+        down = torch.randn(rank, in_ch, *kernel, generator=generator) * 0.3
+        up = torch.randn(out_ch, rank, *([1] * len(kernel)), generator=generator) * 0.3
+        tensors |= {name + down_suffix: down, name + up_suffix: up}
+        scale = 1.0
+        if down_suffix == KOHYA[0]:
+            tensors[f"{name}.alpha"] = torch.tensor(rank / 2)
+            scale = 0.5
+        delta = torch.mm(up.flatten(1), down.flatten(1)).reshape(weight.shape)
+        deltas[native] = (LORA_STRENGTH * scale) * delta
+    return tensors, deltas
+
+
+def save_lora(comfy, tensors, name):
+    from safetensors.torch import save_file
+
+    save_file(tensors, str(comfy.work / "loras" / name))
+    return name
+
+
+def merged_copy(vd, deltas, image_model="text"):
+    """A second MODEL from the same file with ``deltas`` added into its weights."""
+    model = load_model(vd.nodes, image_model)
+    with torch.inference_mode():  # the loader made inference tensors (as ComfyUI's executor does)
+        for native, delta in deltas.items():
+            model.model.diffusion_model.get_parameter(native).add_(delta.to(torch.float32))
+    return model
+
+
+@pytest.mark.parametrize("style", ["kohya", "diffusers"])
+def test_sd15_lora_equals_merging_its_delta(comfy, vd, text_model, style, caplog):
+    tensors, deltas = make_lora(text_model, style)
+    name = save_lora(comfy, tensors, f"tiny_{style}.safetensors")
+    with caplog.at_level(logging.WARNING):
+        (lora_model,) = comfy.nodes.LoraLoaderModelOnly().load_lora_model_only(text_model, name, LORA_STRENGTH)
+        width, height = sizes(text_model)
+        with_lora = vd_sample(vd, lora_model, vd.text, width, height)
+    assert not [r.getMessage() for r in caplog.records if "lora key not loaded" in r.getMessage()]
+    assert len(lora_model.patches) == len(deltas)  # every key of the file found its weight
+    merged = vd_sample(vd, merged_copy(vd, deltas), vd.text, width, height)
+    plain = vd_sample(vd, text_model, vd.text, width, height)
+    gap = max_diff(with_lora, merged)
+    assert gap <= 1e-5 * max(1.0, merged.abs().max().item()), f"{style} LoRA vs merged delta: max|Δ| = {gap:.2e}"
+    change = assert_changed(with_lora, plain, f"{style} LoRA")
+    logging.getLogger(__name__).info("%s LoRA: max|Δ| vs merged %.3e, change vs plain %.3e", style, gap, change)
+    # The same patched MODEL under core KSampler.
+    positive, negative = conditioning(vd, vd.text)
+    assert_changed(ksample(comfy, lora_model, positive, negative, width, height),
+                   ksample(comfy, text_model, positive, negative, width, height), f"{style} LoRA under KSampler")
