@@ -222,3 +222,119 @@ def test_sd15_lora_equals_merging_its_delta(comfy, vd, text_model, style, caplog
     positive, negative = conditioning(vd, vd.text)
     assert_changed(ksample(comfy, lora_model, positive, negative, width, height),
                    ksample(comfy, text_model, positive, negative, width, height), f"{style} LoRA under KSampler")
+
+
+# ------------------------------------------------------- 2. FreeU, SAG, PAG, HyperTile model patches
+
+
+def _freelunch(name):
+    def patch(model, _size):
+        node = getattr(importlib.import_module("comfy_extras.nodes_freelunch"), name)()
+        return node.patch(model, b1=1.3, b2=1.4, s1=0.9, s2=0.2)[0]
+
+    return patch
+
+
+def _sag(model, _size):
+    return importlib.import_module("comfy_extras.nodes_sag").SelfAttentionGuidance.execute(model, 0.5, 2.0)[0]
+
+
+def _pag(model, _size):
+    return importlib.import_module("comfy_extras.nodes_pag").PerturbedAttentionGuidance.execute(model, 3.0)[0]
+
+
+def _hypertile(model, size):
+    """HyperTile with tiles of half the latent width (swap_size 1: no random choice), so the
+    full-resolution self-attention splits in two."""
+    latent_width = size[0] // 8
+    assert latent_width % 2 == 0 and latent_width // 2 >= 4, "pick a size HyperTile tiles (≥ 32 px tiles)"
+    tile_size = 8 * (latent_width // 2)
+    return importlib.import_module("comfy_extras.nodes_hypertile").HyperTile.execute(model, tile_size, 1, 0, False)[0]
+
+
+PATCHES = {"FreeU": _freelunch("FreeU"), "FreeU_V2": _freelunch("FreeU_V2"), "SAG": _sag, "PAG": _pag,
+           "HyperTile": _hypertile}
+
+
+def test_freeu_acts_on_the_model_widths(text_model):
+    """FreeU scales the output blocks of width 2·/4·model_channels: the VD UNet must have some."""
+    config = text_model.model.model_config.unet_config
+    widths = {config["model_channels"] * m for m in config["channel_mult"]}
+    assert widths & {config["model_channels"] * 2, config["model_channels"] * 4}
+
+
+@pytest.mark.parametrize("name", list(PATCHES))
+def test_model_patch_runs_and_changes_the_output(comfy, vd, text_model, name):
+    size = sizes(text_model)  # SAG needs > 4 latent cells per side, HyperTile ≥ 2 tiles of ≥ 4
+    assert min(size) // 8 > 4
+    patched = PATCHES[name](text_model, size)
+    assert patched is not text_model and not text_model.model_options["transformer_options"].get("patches_replace") \
+        and not text_model.model_options.get("sampler_post_cfg_function")  # a clone was patched
+    change = assert_changed(vd_sample(vd, patched, vd.text, *size), vd_sample(vd, text_model, vd.text, *size),
+                            f"{name} under VD Text to Image")
+    positive, negative = conditioning(vd, vd.text)
+    k_change = assert_changed(ksample(comfy, patched, positive, negative, *size),
+                              ksample(comfy, text_model, positive, negative, *size), f"{name} under KSampler")
+    logging.getLogger(__name__).info("%s: change %.3e (VD sampler), %.3e (KSampler)", name, change, k_change)
+
+
+# ------------------------------------------------------------------------------ 3. ControlNet
+
+
+def make_controlnet(model, seed: int = 0):
+    """A tiny SD 1.5-architecture ControlNet for ``model``'s sizes, as core ControlNet.
+
+    Core's ``cldm.ControlNet`` is built with the UNet's config and wrapped as
+    ``comfy.controlnet.load_controlnet_state_dict`` does after detecting a file's config (its
+    detector knows only real SD sizes; a full-size VD UNet and SD 1.5 ControlNets detect as SD15).
+    The state dict copies the UNet's time MLP, input and middle blocks, as ControlNet training
+    starts; the hint encoder and the zero convolutions get small random values (trained ones are nonzero).
+    """
+    import comfy.cldm.cldm
+    import comfy.controlnet
+    import comfy.model_management as mm
+    import comfy.ops
+
+    config = {k: v for k, v in model.model.model_config.unet_config.items() if k != "out_channels"}
+    control_model = comfy.cldm.cldm.ControlNet(**config, hint_channels=3, device=mm.unet_offload_device(),
+                                               operations=comfy.ops.disable_weight_init)
+    unet = model.model.diffusion_model.state_dict()
+    generator = torch.Generator().manual_seed(seed)
+    state, copied = {}, 0
+    for key, like in control_model.state_dict().items():
+        if key in unet:
+            state[key] = unet[key].detach().clone().float()
+            copied += 1
+        else:
+            state[key] = torch.randn(like.shape, generator=generator) * 0.05
+    assert copied and any(k.startswith("zero_convs.") for k in state)
+    control_model.load_state_dict(state, strict=True)
+    return comfy.controlnet.ControlNet(control_model, load_device=mm.get_torch_device())
+
+
+def vd_sample_conditioning(vd, model, positive, negative, width, height, seed=SEED):
+    """The VD sampler (exact DDIM, VD Text to Image's settings) on a core CONDITIONING pair."""
+    sampling = importlib.import_module("vd_pack.nodes.comfy_sampling")
+    samplers = importlib.import_module("vd_pack.nodes.samplers")
+    options = samplers._options(seed, STEPS, CFG, "ddim", "uniform", 0.0, None)
+    latent = torch.zeros(1, 4, height // 8, width // 8)
+    with torch.inference_mode():
+        return sampling.sample_image_latent(model, None, latent, options=options, noise=samplers.item_noise(seed, [0]),
+                                            conditioning=(positive, negative))
+
+
+def test_sd15_controlnet_applies_to_vd_conditioning(comfy, vd, text_model, release_dir):
+    control = make_controlnet(text_model)
+    hint = comfy_image(release_dir / "expected" / "image_0.png")
+    size = sizes(text_model)
+    positive, negative = conditioning(vd, vd.text)
+    with torch.inference_mode():
+        controlled = comfy.nodes.ControlNetApplyAdvanced().apply_controlnet(
+            positive, negative, control, hint, 1.0, 0.0, 1.0)
+    plain = vd_sample_conditioning(vd, text_model, positive, negative, *size)
+    # Without ControlNet the conditioning route is VD Text to Image itself.
+    assert max_diff(plain, vd_sample(vd, text_model, vd.text, *size)) == 0
+    change = assert_changed(vd_sample_conditioning(vd, text_model, *controlled, *size), plain, "ControlNet, VD sampler")
+    k_change = assert_changed(ksample(comfy, text_model, *controlled, *size),
+                              ksample(comfy, text_model, positive, negative, *size), "ControlNet, KSampler")
+    logging.getLogger(__name__).info("ControlNet: change %.3e (VD sampler), %.3e (KSampler)", change, k_change)
