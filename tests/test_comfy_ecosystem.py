@@ -23,7 +23,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from node_fixtures import comfy_image, first_context
+from node_fixtures import comfy_image
 
 DIFFUSER = "vd-four-flow-v1-0-fp16.pth"
 CLIP = "clip-vit-large-patch14"
@@ -46,7 +46,7 @@ def comfy(pack, release_dir, tmp_path_factory):
         import comfy.options
 
         comfy.options.enable_args_parsing()
-        import comfy.model_management  # noqa: F401
+        import comfy.model_management
         import folder_paths
         import nodes as comfy_nodes
     finally:
@@ -113,7 +113,8 @@ def ksample(comfy, model, positive, negative, width, height, seed=SEED):
     """Core KSampler (ddim / ddim_uniform) on ``model``."""
     with torch.inference_mode():
         latent = {"samples": torch.zeros(1, 4, height // 8, width // 8)}
-        (out,) = comfy.nodes.common_ksampler(model, seed, STEPS, CFG, "ddim", "ddim_uniform", positive, negative, latent)
+        (out,) = comfy.nodes.common_ksampler(model, seed, STEPS, CFG, "ddim", "ddim_uniform", positive, negative,
+                                             latent)
     return out["samples"]
 
 
@@ -338,3 +339,159 @@ def test_sd15_controlnet_applies_to_vd_conditioning(comfy, vd, text_model, relea
     k_change = assert_changed(ksample(comfy, text_model, *controlled, *size),
                               ksample(comfy, text_model, positive, negative, *size), "ControlNet, KSampler")
     logging.getLogger(__name__).info("ControlNet: change %.3e (VD sampler), %.3e (KSampler)", change, k_change)
+
+
+# ----------------------------------------------------------------- 4. attention (attn2) patches
+
+
+def count_transformer_blocks(model) -> int:
+    from comfy.ldm.modules.attention import BasicTransformerBlock
+
+    return sum(isinstance(m, BasicTransformerBlock) for n, m in model.model.diffusion_model.named_modules()
+               if ".secondary." not in n)
+
+
+def test_attn2_patch_applies_to_the_single_kind_model(vd, text_model):
+    seen = []
+
+    def patch(q, k, v, extra_options):  # as IP-Adapter packs do: change the cross-attention's keys/values
+        seen.append(extra_options["block"])
+        return q, k, v * 0.5
+
+    patched = text_model.clone()
+    patched.set_model_attn2_patch(patch)
+    size = sizes(text_model)
+    change = assert_changed(vd_sample(vd, patched, vd.text, *size), vd_sample(vd, text_model, vd.text, *size),
+                            "attn2 patch")
+    # Every context layer at every step (cond and uncond run as one batch).
+    assert len(seen) == STEPS * count_transformer_blocks(text_model)
+    replaced = []
+
+    def replace(q, k, v, extra_options):
+        from comfy.ldm.modules.attention import optimized_attention
+
+        replaced.append(extra_options["block"])
+        return optimized_attention(q, k, -v, extra_options["n_heads"])
+
+    swapped = text_model.clone()
+    swapped.set_model_attn2_replace(replace, "input", 1, 0)  # input_blocks.1's first transformer block
+    assert_changed(vd_sample(vd, swapped, vd.text, *size), vd_sample(vd, text_model, vd.text, *size), "attn2 replace")
+    assert replaced and set(replaced) == {("input", 1)}
+    logging.getLogger(__name__).info("attn2 patch: change %.3e", change)
+
+
+def test_attn2_patch_reaches_both_context_layers_of_a_mix(vd, mix_model):
+    """A mix runs every context layer once per context kind: the patch sees both kinds' tokens."""
+    token_counts = []
+    image_tokens = vd.image[0].cond.shape[1]
+
+    def patch(q, k, v, extra_options):
+        token_counts.append(k.shape[1])
+        if k.shape[1] == image_tokens:  # only the image context's layers
+            v = v * 0.5
+        return q, k, v
+
+    patched = mix_model.clone()
+    patched.set_model_attn2_patch(patch)
+    size = sizes(mix_model)
+    text_tokens = vd.text[0].cond.shape[1]
+    assert text_tokens != image_tokens, "the test tells the kinds apart by their token counts"
+    change = assert_changed(vd_sample(vd, patched, vd.mix, *size), vd_sample(vd, mix_model, vd.mix, *size),
+                            "attn2 patch on the image context layers of a mix")
+    blocks = count_transformer_blocks(mix_model)
+    assert token_counts.count(image_tokens) == token_counts.count(text_tokens) == STEPS * blocks
+    logging.getLogger(__name__).info("attn2 patch on a mix's image layers: change %.3e", change)
+
+
+# -------------------------------------------------------------------- 5. merging and saving
+
+
+def test_merged_model_saves_and_loads_back_through_the_vd_loader(comfy, vd, text_model):
+    merging = importlib.import_module("comfy_extras.nodes_model_merging")
+    _, deltas = make_lora(text_model, "kohya")
+    other = merged_copy(vd, deltas)
+    (merged,) = merging.ModelMergeSimple().merge(text_model, other, 0.5)
+    size = sizes(text_model)
+    expected = vd_sample(vd, merged, vd.text, *size)
+    assert_changed(expected, vd_sample(vd, text_model, vd.text, *size), "ModelMergeSimple")
+    saver = merging.ModelSave()
+    saver.output_dir = str(comfy.work / "saved")  # a folder the VD Loader lists (models/versatile_diffusion)
+    with torch.inference_mode():
+        saver.save(merged, "vd_merged")
+    (saved,) = [p.name for p in (comfy.work / "saved").glob("vd_merged_*.safetensors")]
+    reloaded = load_model(vd.nodes, "text", diffuser=saved)
+    gap = max_diff(vd_sample(vd, reloaded, vd.text, *size), expected)
+    assert gap == 0, f"saved and reloaded merge: max|Δ| = {gap:.2e}"
+    # The file holds only this MODEL's parts; asking it for more names what is missing.
+    errors = importlib.import_module("vd_pack.vd_core.errors")
+    with pytest.raises(errors.VDError, match="image"):
+        load_model(vd.nodes, "text+image", diffuser=saved)
+
+
+def test_save_checkpoint_of_a_mix_model_with_its_vae_loads_back(comfy, vd, mix_model, release_dir):
+    merging = importlib.import_module("comfy_extras.nodes_model_merging")
+    with torch.inference_mode():
+        vae = vd.nodes["VDLoader"].load("none", "none", "none", "none", "none", "kl-f8.pth", "fp32")[4]
+    saver = merging.CheckpointSave()
+    saver.output_dir = str(comfy.work / "saved")
+    with torch.inference_mode():
+        saver.save(mix_model, None, vae, "vd_mix")  # VD has no core CLIP: clip is left out
+    (saved,) = [p.name for p in (comfy.work / "saved").glob("vd_mix_*.safetensors")]
+    with torch.inference_mode():
+        reloaded, _, _, _, reloaded_vae = vd.nodes["VDLoader"].load(saved, "text+image", "none", "none", "none", saved,
+                                                                     "fp32")
+    size = sizes(mix_model)
+    original = vd_sample(vd, mix_model, vd.mix, *size)
+    assert max_diff(vd_sample(vd, reloaded, vd.mix, *size), original) == 0
+    with torch.inference_mode():
+        pictures = [comfy.nodes.VAEDecode().decode(v, {"samples": original})[0] for v in (vae, reloaded_vae)]
+    assert max_diff(*pictures) == 0
+
+
+# ------------------------------------------------------------ 6. what cannot apply says so
+
+UNREACHED = "unpatched image-context layers"
+
+
+def test_lora_on_a_mix_warns_that_the_image_layers_stay_unpatched(comfy, vd, text_model, mix_model, caplog):
+    tensors, deltas = make_lora(mix_model, "kohya")
+    in_context_layers = sum(".transformer_blocks." in native for native in deltas)  # the rest: ResBlocks
+    name = save_lora(comfy, tensors, "tiny_mix.safetensors")
+    (lora_mix,) = comfy.nodes.LoraLoaderModelOnly().load_lora_model_only(mix_model, name, LORA_STRENGTH)
+    (lora_text,) = comfy.nodes.LoraLoaderModelOnly().load_lora_model_only(text_model, name, LORA_STRENGTH)
+    size = sizes(mix_model)
+    with caplog.at_level(logging.WARNING):
+        text_run = vd_sample(vd, lora_mix, vd.text, *size)
+    assert not [r for r in caplog.records if UNREACHED in r.getMessage()]  # text only: the LoRA reaches all
+    # On a text context the text+image MODEL is the text MODEL, with the LoRA's native keys valid on both.
+    assert max_diff(text_run, vd_sample(vd, lora_text, vd.text, *size)) == 0
+    for run in (lambda: vd_sample(vd, lora_mix, vd.mix, *size),
+                lambda: ksample(comfy, lora_mix, *conditioning(vd, vd.mix), *size),
+                lambda: vd_sample(vd, lora_mix, vd.image, *size)):
+        caplog.clear()
+        with caplog.at_level(logging.WARNING):
+            run()
+        warned = [r.getMessage() for r in caplog.records if UNREACHED in r.getMessage()]
+        assert len(warned) == 1 and f"{in_context_layers} weight patches" in warned[0], caplog.text
+
+
+def test_lora_on_the_image_model_says_it_patches_image_context_layers(comfy, vd, caplog):
+    image_model = load_model(vd.nodes, "image")
+    tensors, _ = make_lora(image_model, "kohya")
+    name = save_lora(comfy, tensors, "tiny_image.safetensors")
+    (lora_image,) = comfy.nodes.LoraLoaderModelOnly().load_lora_model_only(image_model, name, LORA_STRENGTH)
+    with caplog.at_level(logging.WARNING):
+        vd_sample(vd, lora_image, vd.image, *sizes(image_model))
+    assert any("change VD's image-context layers" in r.getMessage() for r in caplog.records), caplog.text
+
+
+def test_sd_conditioning_on_the_vd_model_is_refused_with_the_fix(comfy, vd, text_model):
+    """CLIP Text Encode's CONDITIONING (tokens + pooled output, no VD keys) must not run silently."""
+    errors = importlib.import_module("vd_pack.vd_core.errors")
+    tokens = vd.text[0].cond
+    sd_conditioning = [[torch.randn_like(tokens), {"pooled_output": torch.randn(tokens.shape[0], tokens.shape[-1])}]]
+    size = sizes(text_model)
+    with pytest.raises(errors.VDInputError, match="VD Context to Conditioning"):
+        ksample(comfy, text_model, sd_conditioning, sd_conditioning, *size)
+    with pytest.raises(errors.VDInputError, match="CLIP Text Encode"):
+        vd_sample_conditioning(vd, text_model, sd_conditioning, sd_conditioning, *size)
