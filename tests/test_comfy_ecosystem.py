@@ -279,6 +279,14 @@ def test_model_patch_runs_and_changes_the_output(comfy, vd, text_model, name):
     logging.getLogger(__name__).info("%s: change %.3e (VD sampler), %.3e (KSampler)", name, change, k_change)
 
 
+@pytest.mark.parametrize("name", list(PATCHES))
+def test_model_patch_runs_on_a_mix(vd, mix_model, name):
+    """On the text+image MODEL the attention patches see both kinds' context layers in turn."""
+    size = sizes(mix_model)
+    patched = PATCHES[name](mix_model, size)
+    assert_changed(vd_sample(vd, patched, vd.mix, *size), vd_sample(vd, mix_model, vd.mix, *size), f"{name} on a mix")
+
+
 # ------------------------------------------------------------------------------ 3. ControlNet
 
 
