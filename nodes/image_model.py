@@ -32,8 +32,8 @@ from ..vd_core.checkpoint import check_same_keys
 from ..vd_core.diffuser import DiffuserConfig, DiffuserParts, FourFlowDiffuser, read_diffuser_state_dict
 from ..vd_core.diffuser.config import RELEASE_NUM_HEADS
 from ..vd_core.diffuser.layout import rename_by_prefix, sd_unet_prefixes
-from ..vd_core.diffuser.loading import WHAT, select_parts
-from ..vd_core.errors import VDInputError
+from ..vd_core.diffuser.loading import WHAT, parts_in_state, select_parts
+from ..vd_core.errors import CheckpointError, VDInputError
 from .conditioning import COND_EXTRA, COND_KINDS, COND_RATIOS, NOT_VD_CONDITIONING
 from .multi_context_unet import unet_class_for
 
@@ -168,6 +168,15 @@ def native_state_dict(path: str | os.PathLike, context_kinds: tuple[str, ...], n
     """
     state = read_diffuser_state_dict(path)
     config = DiffuserConfig.from_state_dict(state, num_heads=num_heads, source=f"{WHAT} {path}")
+    held = parts_in_state(state)
+    held_kinds = [k for k in ("text", "image") if getattr(held, f"{k}_context")]
+    absent = [k for k in context_kinds if k not in held_kinds]
+    if absent and held.image_data and held_kinds:  # e.g. a file ModelSave wrote from a text MODEL
+        raise CheckpointError(
+            f"{WHAT} {path} holds no {' and '.join(absent)}-context layers, only {' and '.join(held_kinds)} ones "
+            f"(a file saved from a VD image MODEL keeps just that MODEL's layers): set the VD Loader's image_model "
+            f"to '{'+'.join(held_kinds)}'"
+        )
     parts = DiffuserParts.for_flow("image", list(context_kinds))
     with torch.device("meta"):
         wanted = select_parts(state, FourFlowDiffuser(config, parts), path)

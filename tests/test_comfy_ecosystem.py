@@ -432,28 +432,29 @@ def test_merged_model_saves_and_loads_back_through_the_vd_loader(comfy, vd, text
     assert gap == 0, f"saved and reloaded merge: max|Δ| = {gap:.2e}"
     # The file holds only this MODEL's parts; asking it for more names what is missing.
     errors = importlib.import_module("vd_pack.vd_core.errors")
-    with pytest.raises(errors.VDError, match="image"):
+    with pytest.raises(errors.CheckpointError, match="holds no image-context layers.*image_model to 'text'"):
         load_model(vd.nodes, "text+image", diffuser=saved)
 
 
-def test_save_checkpoint_of_a_mix_model_with_its_vae_loads_back(comfy, vd, mix_model, release_dir):
-    merging = importlib.import_module("comfy_extras.nodes_model_merging")
+def test_checkpoint_of_a_mix_model_with_its_vae_loads_back(comfy, vd, mix_model):
+    """Save Checkpoint's writer (``comfy.sd.save_checkpoint``; the node itself also wants a core CLIP,
+    which VD has not) with the VD VAE: one file the VD Loader reads as diffuser and image VAE."""
+    save_checkpoint = importlib.import_module("comfy.sd").save_checkpoint
     with torch.inference_mode():
         vae = vd.nodes["VDLoader"].load("none", "none", "none", "none", "none", "kl-f8.pth", "fp32")[4]
-    saver = merging.CheckpointSave()
-    saver.output_dir = str(comfy.work / "saved")
-    with torch.inference_mode():
-        saver.save(mix_model, None, vae, "vd_mix")  # VD has no core CLIP: clip is left out
-    (saved,) = [p.name for p in (comfy.work / "saved").glob("vd_mix_*.safetensors")]
-    with torch.inference_mode():
-        reloaded, _, _, _, reloaded_vae = vd.nodes["VDLoader"].load(saved, "text+image", "none", "none", "none", saved,
-                                                                     "fp32")
+        save_checkpoint(str(comfy.work / "saved" / "vd_mix.safetensors"), mix_model, vae=vae)
+        reloaded, _, _, _, reloaded_vae = vd.nodes["VDLoader"].load(
+            "vd_mix.safetensors", "text+image", "none", "none", "none", "vd_mix.safetensors", "fp32")
     size = sizes(mix_model)
     original = vd_sample(vd, mix_model, vd.mix, *size)
     assert max_diff(vd_sample(vd, reloaded, vd.mix, *size), original) == 0
     with torch.inference_mode():
         pictures = [comfy.nodes.VAEDecode().decode(v, {"samples": original})[0] for v in (vae, reloaded_vae)]
     assert max_diff(*pictures) == 0
+    # The text+image file also serves an image MODEL (the text-context layers stay on disk).
+    image_only = load_model(vd.nodes, "image", diffuser="vd_mix.safetensors")
+    assert max_diff(vd_sample(vd, image_only, vd.image, *size),
+                    vd_sample(vd, load_model(vd.nodes, "image"), vd.image, *size)) == 0
 
 
 # ------------------------------------------------------------ 6. what cannot apply says so
