@@ -166,7 +166,13 @@ def native_state_dict(path: str | os.PathLike, context_kinds: tuple[str, ...], n
     Raises:
         CheckpointError: not a VD diffuser, or it lacks a part (the message names keys and the fix).
     """
-    state = read_diffuser_state_dict(path)
+    return renamed_to_native(read_diffuser_state_dict(path), context_kinds, num_heads, path)
+
+
+def renamed_to_native(state: dict[str, torch.Tensor], context_kinds: tuple[str, ...], num_heads: int,
+                      path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], DiffuserConfig, dict[str, str]]:
+    """`native_state_dict` of tensors already read (``FourFlowDiffuser`` keys; ``path`` names them
+    in messages). Works on meta tensors too (the full-size structure without its weights)."""
     config = DiffuserConfig.from_state_dict(state, num_heads=num_heads, source=f"{WHAT} {path}")
     held = parts_in_state(state)
     held_kinds = [k for k in ("text", "image") if getattr(held, f"{k}_context")]
@@ -191,6 +197,15 @@ def native_state_dict(path: str | os.PathLike, context_kinds: tuple[str, ...], n
     return native, config, file_names
 
 
+def image_model_config(native: dict[str, torch.Tensor], context_kinds: tuple[str, ...], num_heads: int,
+                       file_names: dict[str, str]) -> VDImageModelConfig:
+    """The model config of `renamed_to_native`'s output: the UNet's sizes read by ComfyUI's own
+    detection from the primary kind's (plain SD 1.x) tensors."""
+    primary = {k: v for k, v in native.items() if f".{SECONDARY}" not in k}
+    unet_config = comfy.model_detection.detect_unet_config(primary, "")
+    return VDImageModelConfig(unet_config, tuple(context_kinds), num_heads, file_names)
+
+
 def load_image_model(path: str | os.PathLike, context_kinds: tuple[str, ...], weight_dtype: str = "auto",
                      num_heads: int = RELEASE_NUM_HEADS):
     """A ComfyUI ``MODEL`` (ModelPatcher) for VD's image flows with ``context_kinds`` ("text",
@@ -201,9 +216,7 @@ def load_image_model(path: str | os.PathLike, context_kinds: tuple[str, ...], we
             or a key of `WEIGHT_DTYPES` (fp8 stores weights in 8 bits and computes in fp16/bf16).
     """
     state, config, file_names = native_state_dict(path, context_kinds, num_heads)
-    primary = {k: v for k, v in state.items() if f".{SECONDARY}" not in k}
-    unet_config = comfy.model_detection.detect_unet_config(primary, "")
-    model_config = VDImageModelConfig(unet_config, tuple(context_kinds), config.num_heads, file_names)
+    model_config = image_model_config(state, context_kinds, config.num_heads, file_names)
     load_device, offload_device = mm.get_torch_device(), mm.unet_offload_device()
     if weight_dtype == "auto":
         dtype = mm.unet_dtype(model_params=comfy.utils.calculate_parameters(state),

@@ -225,6 +225,57 @@ def test_sd15_lora_equals_merging_its_delta(comfy, vd, text_model, style, caplog
                    ksample(comfy, text_model, positive, negative, width, height), f"{style} LoRA under KSampler")
 
 
+# SD 1.5's UNet (public architecture facts, as ComfyUI's SD15 model config builds it).
+SD15_UNET = {
+    "use_checkpoint": False, "image_size": 32, "out_channels": 4, "use_spatial_transformer": True, "legacy": False,
+    "adm_in_channels": None, "in_channels": 4, "model_channels": 320, "num_res_blocks": [2, 2, 2, 2],
+    "transformer_depth": [1, 1, 1, 1, 1, 1, 0, 0], "channel_mult": [1, 2, 4, 4], "transformer_depth_middle": 1,
+    "use_linear_in_transformer": False, "context_dim": 768, "num_heads": 8,
+    "transformer_depth_output": [1, 1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0], "use_temporal_attention": False,
+    "use_temporal_resblock": False,
+}
+
+
+@pytest.mark.parametrize("image_model", ["text", "text+image", "image"])
+def test_every_sd15_lora_key_maps_onto_the_full_size_vd_model(comfy, ref_dir, image_model):
+    """Full size (the official key manifest, weights on the meta device): every key an SD 1.5 LoRA
+    can have (kohya, diffusers, LyCORIS) names the same weight, of the same shape, in VD's MODEL."""
+    import comfy.lora
+    import comfy.model_detection
+    import comfy.supported_models
+
+    image_model_module = importlib.import_module("vd_pack.nodes.image_model")
+    loader = importlib.import_module("vd_pack.nodes.loader")
+    state = {}
+    for line in (ref_dir / "vd-four-flow-v1-0.keys.tsv").read_text().splitlines():
+        key, shape, *_ = line.split("\t")
+        if key.startswith("diffuser."):
+            state[key[len("diffuser."):]] = torch.empty([int(n) for n in shape.split(",") if n], device="meta",
+                                                        dtype=torch.float16)
+    kinds = loader.IMAGE_MODEL_CHOICES[image_model]
+    native, config, names = image_model_module.renamed_to_native(state, kinds, config_heads(), "keys.tsv")
+    vd_config = image_model_module.image_model_config(native, kinds, config.num_heads, names)
+    primary = {k: v for k, v in native.items() if ".secondary." not in k}
+    assert type(comfy.model_detection.model_config_from_unet(primary, "")).__name__ == "SD15"
+    sd15_config = comfy.supported_models.SD15(dict(SD15_UNET))
+    models = []
+    for model_config in (sd15_config, vd_config):
+        model_config.set_inference_dtype(torch.float16, None)
+        models.append(model_config.get_model({}, device="meta"))
+    sd15_keys, vd_keys = (comfy.lora.model_lora_keys_unet(m, {}) for m in models)
+    assert len(sd15_keys) > 1000
+    assert {k: v for k, v in sd15_keys.items() if vd_keys.get(k) != v} == {}
+    sd15_shapes, vd_shapes = ({k: v.shape for k, v in m.state_dict().items() if k.startswith("diffusion_model.")}
+                              for m in models)
+    targets = {t for t in sd15_keys.values() if t in sd15_shapes}  # the key map also names absent skip convs
+    assert len(targets) == len(sd15_shapes)  # every SD 1.5 UNet weight is a LoRA target
+    assert {t: (sd15_shapes[t], vd_shapes.get(t)) for t in targets if vd_shapes.get(t) != sd15_shapes[t]} == {}
+
+
+def config_heads() -> int:
+    return importlib.import_module("vd_pack.vd_core.diffuser.config").RELEASE_NUM_HEADS
+
+
 # ------------------------------------------------------- 2. FreeU, SAG, PAG, HyperTile model patches
 
 
