@@ -27,6 +27,7 @@ import comfy.supported_models
 import comfy.utils
 import torch
 from comfy.ldm.modules.attention import SpatialTransformer
+from comfy.weight_adapter import WeightAdapterBase
 
 from ..vd_core.checkpoint import check_same_keys
 from ..vd_core.diffuser import DiffuserConfig, DiffuserParts, FourFlowDiffuser, read_diffuser_state_dict
@@ -120,7 +121,7 @@ def unreached_patch_warning(model_patcher, kinds_used) -> str | None:
 
     SD 1.5 LoRAs and merges with SD models patch the UNet's native names: on a text+image MODEL
     those are the primary kind's context layers only, so a context of the other kind runs through
-    unpatched layers; on an image MODEL they patch VD's image-context layers, which SD never had.
+    unpatched layers; on an image MODEL LoRAs patch VD's image-context layers, which SD never had.
     """
     primary, *_ = kinds = model_patcher.model.context_kinds
     layers = context_layer_prefixes(model_patcher.model.diffusion_model)
@@ -136,9 +137,10 @@ def unreached_patch_warning(model_patcher, kinds_used) -> str | None:
         return (f"VD image MODEL: {len(unreached)} weight patches (LoRA or model merge) change only the "
                 f"{primary}-context layers; the {' and '.join(others)} context of this run goes through unpatched "
                 f"{' and '.join(others)}-context layers (an SD 1.5 LoRA has none for it)")
-    if primary == "image" and patched:
-        return (f"VD image MODEL: {len(patched)} weight patches (LoRA or model merge) change VD's image-context "
-                "layers; SD 1.5 LoRAs were trained for SD's text conditioning, so their effect here is untested")
+    adapters = [k for k in patched if any(isinstance(p[1], WeightAdapterBase) for p in model_patcher.patches[k])]
+    if primary == "image" and adapters:  # (merges of VD image MODELs are what they look like)
+        return (f"VD image MODEL: {len(adapters)} LoRA weight patches change VD's image-context layers; SD 1.5 "
+                "LoRAs were trained for SD's text conditioning, so their effect here is untested")
     return None
 
 

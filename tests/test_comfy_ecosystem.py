@@ -342,6 +342,13 @@ def test_lora_on_the_image_model_says_it_patches_image_context_layers(comfy, vd,
     with caplog.at_level(logging.WARNING):
         vd_sample(vd, lora_image, vd.image, *sizes(image_model))
     assert any("change VD's image-context layers" in r.getMessage() for r in caplog.records), caplog.text
+    # Merging two VD image MODELs patches the same layers and is what it looks like: no warning.
+    (merged,) = importlib.import_module("comfy_extras.nodes_model_merging").ModelMergeSimple().merge(
+        image_model, merged_copy(vd, make_lora(image_model, "kohya")[1], "image"), 0.5)
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        vd_sample(vd, merged, vd.image, *sizes(image_model))
+    assert not [r for r in caplog.records if "image-context layers" in r.getMessage()], caplog.text
 
 
 def test_sd_conditioning_on_the_vd_model_is_refused_with_the_fix(comfy, vd, text_model):
