@@ -76,7 +76,8 @@ def visited_sigmas(options: SamplingOptions, denoise: float, model_sampling) -> 
 
 
 def sample_image_latent(model, contexts, latent: torch.Tensor, *, options: SamplingOptions, noise: NoiseSource,
-                        denoise: float = 1.0, noise_mask: torch.Tensor | None = None) -> torch.Tensor:
+                        denoise: float = 1.0, noise_mask: torch.Tensor | None = None,
+                        conditioning: tuple[list, list] | None = None) -> torch.Tensor:
     """Sample image latents with VD's sampler on a ComfyUI ``MODEL``.
 
     Args:
@@ -88,6 +89,9 @@ def sample_image_latent(model, contexts, latent: torch.Tensor, *, options: Sampl
         noise: per-item noise sources (the first draw is the start noise).
         denoise: < 1 runs image-to-image from ``latent`` (DDIM: the official fidelity path).
         noise_mask: optional ``(B | 1, 1, H, W)`` ComfyUI noise mask (1 = redraw).
+        conditioning: optional core ``(positive, negative)`` CONDITIONING made by 'VD Context to
+            Conditioning' and possibly passed through conditioning nodes (Apply ControlNet, areas,
+            timestep ranges); used instead of the pair made from ``contexts`` (which may then be None).
 
     Returns:
         ``(B, 4, h, w)`` unscaled latents on ComfyUI's intermediate device.
@@ -97,7 +101,7 @@ def sample_image_latent(model, contexts, latent: torch.Tensor, *, options: Sampl
     if denoise < 1.0 and options.sampler == "ddim" and int(options.steps * denoise) == 0:
         return latent  # nothing to denoise (the WebUI's fidelity 1)
     first = noise(torch.zeros_like(latent, dtype=torch.float32))
-    positive, negative = conditioning_pair(contexts)
+    positive, negative = conditioning if conditioning is not None else conditioning_pair(contexts)
     model_sampling = model.get_model_object("model_sampling")
     sampler = comfy.samplers.KSAMPLER(
         _vd_sampler, extra_options={"options": options, "noise": StartNoise(first, noise), "denoise": denoise})

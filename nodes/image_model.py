@@ -22,16 +22,19 @@ import comfy.model_base
 import comfy.model_detection
 import comfy.model_management as mm
 import comfy.model_patcher
+import comfy.patcher_extension
 import comfy.supported_models
 import comfy.utils
 import torch
+from comfy.ldm.modules.attention import SpatialTransformer
+from comfy.weight_adapter import WeightAdapterBase
 
 from ..vd_core.checkpoint import check_same_keys
 from ..vd_core.diffuser import DiffuserConfig, DiffuserParts, FourFlowDiffuser, read_diffuser_state_dict
 from ..vd_core.diffuser.config import RELEASE_NUM_HEADS
 from ..vd_core.diffuser.layout import rename_by_prefix, sd_unet_prefixes
-from ..vd_core.diffuser.loading import WHAT, select_parts
-from ..vd_core.errors import VDInputError
+from ..vd_core.diffuser.loading import WHAT, parts_in_state, select_parts
+from ..vd_core.errors import CheckpointError, VDInputError
 from .conditioning import COND_EXTRA, COND_KINDS, COND_RATIOS, NOT_VD_CONDITIONING
 from .multi_context_unet import unet_class_for
 
@@ -79,44 +82,130 @@ class VDImageModel(comfy.model_base.BaseModel):
 
 
 class VDImageModelConfig(comfy.supported_models.SD15):
-    """SD 1.5's config (schedule, latent format, UNet) with VD's sizes and context kinds."""
+    """SD 1.5's config (schedule, latent format, UNet) with VD's sizes and context kinds.
 
-    def __init__(self, unet_config: dict, context_kinds: tuple[str, ...], num_heads: int):
+    ``file_names`` maps the UNet's native names back to the VD file's (``diffuser.image.…``): Save
+    Checkpoint / ModelSave then write a VD diffuser file holding exactly this MODEL's parts (the
+    context kinds stay explicit, which SD names could not say), which the VD Loader reads back.
+    """
+
+    def __init__(self, unet_config: dict, context_kinds: tuple[str, ...], num_heads: int,
+                 file_names: dict[str, str]):
         super().__init__(unet_config)
         self.unet_config["num_heads"] = num_heads  # fixed by the release, in no file (SPEC §3.3)
         self.context_kinds = context_kinds
+        self.file_names = file_names
+
+    def process_unet_state_dict_for_saving(self, state_dict):
+        unknown = sorted(set(state_dict) - set(self.file_names))
+        if unknown:  # never write a file the VD Loader would refuse, or drop a tensor silently
+            raise VDInputError(
+                f"cannot save this VD MODEL: its UNet has tensors VD's file layout has no name for "
+                f"({', '.join(unknown[:4])}{' …' if len(unknown) > 4 else ''})"
+            )
+        return {self.file_names[k]: v for k, v in state_dict.items()}
 
     def get_model(self, state_dict, prefix="", device=None):
         return VDImageModel(self, comfy.model_base.ModelType.EPS, device=device,
                             unet_model=unet_class_for(self.context_kinds))
 
 
-def native_state_dict(path: str | os.PathLike, context_kinds: tuple[str, ...],
-                      num_heads: int = RELEASE_NUM_HEADS) -> tuple[dict[str, torch.Tensor], DiffuserConfig]:
+def context_layer_prefixes(unet: torch.nn.Module) -> list[str]:
+    """``diffusion_model.``-prefixed names of the UNet's context layers (``…input_blocks.1.1.``)."""
+    return [f"diffusion_model.{name}." for name, module in unet.named_modules()
+            if isinstance(module, SpatialTransformer) and ".secondary" not in f".{name}"]
+
+
+def unreached_patch_warning(model_patcher, kinds_used) -> str | None:
+    """What a sampling run's weight patches (LoRA, merges) do not reach, or None.
+
+    SD 1.5 LoRAs and merges with SD models patch the UNet's native names: on a text+image MODEL
+    those are the primary kind's context layers only, so a context of the other kind runs through
+    unpatched layers; on an image MODEL LoRAs patch VD's image-context layers, which SD never had.
+    """
+    primary, *_ = kinds = model_patcher.model.context_kinds
+    layers = context_layer_prefixes(model_patcher.model.diffusion_model)
+
+    def secondary_name(key):
+        layer = next(p for p in layers if key.startswith(p))
+        return f"{layer}{SECONDARY}{key[len(layer):]}"
+
+    patched = [k for k in model_patcher.patches if k.startswith(tuple(layers)) and f".{SECONDARY}" not in k]
+    others = sorted(set(kinds_used) - {primary})
+    unreached = [k for k in patched if secondary_name(k) not in model_patcher.patches]
+    if others and len(kinds) > 1 and unreached:
+        return (f"VD image MODEL: {len(unreached)} weight patches (LoRA or model merge) change only the "
+                f"{primary}-context layers; the {' and '.join(others)} context of this run goes through unpatched "
+                f"{' and '.join(others)}-context layers (an SD 1.5 LoRA has none for it)")
+    adapters = [k for k in patched if any(isinstance(p[1], WeightAdapterBase) for p in model_patcher.patches[k])]
+    if primary == "image" and adapters:  # (merges of VD image MODELs are what they look like)
+        return (f"VD image MODEL: {len(adapters)} LoRA weight patches change VD's image-context layers; SD 1.5 "
+                "LoRAs were trained for SD's text conditioning, so their effect here is untested")
+    return None
+
+
+def _warn_unreached_patches(executor, *args, **kwargs):
+    """OUTER_SAMPLE wrapper (VD sampler nodes and KSampler alike): log `unreached_patch_warning`."""
+    guider = executor.class_obj
+    kinds = {kind for conds in guider.conds.values() for cond in conds for kind in cond.get(COND_KINDS) or ()}
+    message = unreached_patch_warning(guider.model_patcher, kinds)
+    if message:
+        log.warning(message)
+    return executor(*args, **kwargs)
+
+
+def native_state_dict(path: str | os.PathLike, context_kinds: tuple[str, ...], num_heads: int = RELEASE_NUM_HEADS,
+                      ) -> tuple[dict[str, torch.Tensor], DiffuserConfig, dict[str, str]]:
     """The image MODEL's tensors of a VD diffuser file under ComfyUI's UNet names.
 
     The file is checked strictly for the parts asked for (vd_core's loader rules); the first kind's
-    context layers take the native names, the second's sit under ``…​.secondary.``.
+    context layers take the native names, the second's sit under ``….secondary.``.
 
     Returns:
-        ``({"input_blocks.0.0.weight": …}, config)``; tensors keep the file's dtype.
+        ``({"input_blocks.0.0.weight": …}, config, {native name: the release file's name})``;
+        tensors keep the file's dtype.
 
     Raises:
         CheckpointError: not a VD diffuser, or it lacks a part (the message names keys and the fix).
     """
-    state = read_diffuser_state_dict(path)
+    return renamed_to_native(read_diffuser_state_dict(path), context_kinds, num_heads, path)
+
+
+def renamed_to_native(state: dict[str, torch.Tensor], context_kinds: tuple[str, ...], num_heads: int,
+                      path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], DiffuserConfig, dict[str, str]]:
+    """`native_state_dict` of tensors already read (``FourFlowDiffuser`` keys; ``path`` names them
+    in messages). Works on meta tensors too (the full-size structure without its weights)."""
     config = DiffuserConfig.from_state_dict(state, num_heads=num_heads, source=f"{WHAT} {path}")
+    held = parts_in_state(state)
+    held_kinds = [k for k in ("text", "image") if getattr(held, f"{k}_context")]
+    absent = [k for k in context_kinds if k not in held_kinds]
+    if absent and held.image_data and held_kinds:  # e.g. a file ModelSave wrote from a text MODEL
+        raise CheckpointError(
+            f"{WHAT} {path} holds no {' and '.join(absent)}-context layers, only {' and '.join(held_kinds)} ones "
+            f"(a file saved from a VD image MODEL keeps just that MODEL's layers): set the VD Loader's image_model "
+            f"to '{'+'.join(held_kinds)}'"
+        )
     parts = DiffuserParts.for_flow("image", list(context_kinds))
     with torch.device("meta"):
         wanted = select_parts(state, FourFlowDiffuser(config, parts), path)
-    native = {}
+    native, file_names = {}, {}
     for index, kind in enumerate(context_kinds):
         prefixes = sd_unet_prefixes(config.layout, kind)
         if index:  # the second kind: only its context layers, under each layer's ``secondary.``
             prefixes = {vd: sd + SECONDARY for vd, sd in prefixes.items() if ".context_blocks." in vd}
         renamed, _ = rename_by_prefix(wanted, prefixes)
         native.update({new: wanted[old] for old, new in renamed.items()})
-    return native, config
+        file_names.update({new: f"diffuser.{old}" for old, new in renamed.items()})
+    return native, config, file_names
+
+
+def image_model_config(native: dict[str, torch.Tensor], context_kinds: tuple[str, ...], num_heads: int,
+                       file_names: dict[str, str]) -> VDImageModelConfig:
+    """The model config of `renamed_to_native`'s output: the UNet's sizes read by ComfyUI's own
+    detection from the primary kind's (plain SD 1.x) tensors."""
+    primary = {k: v for k, v in native.items() if f".{SECONDARY}" not in k}
+    unet_config = comfy.model_detection.detect_unet_config(primary, "")
+    return VDImageModelConfig(unet_config, tuple(context_kinds), num_heads, file_names)
 
 
 def load_image_model(path: str | os.PathLike, context_kinds: tuple[str, ...], weight_dtype: str = "auto",
@@ -128,10 +217,8 @@ def load_image_model(path: str | os.PathLike, context_kinds: tuple[str, ...], we
         weight_dtype: "auto" (ComfyUI's choice for the device, honouring --fp16-unet, --fp8_e4m3fn-unet …)
             or a key of `WEIGHT_DTYPES` (fp8 stores weights in 8 bits and computes in fp16/bf16).
     """
-    state, config = native_state_dict(path, context_kinds, num_heads)
-    primary = {k: v for k, v in state.items() if f".{SECONDARY}" not in k}
-    unet_config = comfy.model_detection.detect_unet_config(primary, "")
-    model_config = VDImageModelConfig(unet_config, tuple(context_kinds), config.num_heads)
+    state, config, file_names = native_state_dict(path, context_kinds, num_heads)
+    model_config = image_model_config(state, context_kinds, config.num_heads, file_names)
     load_device, offload_device = mm.get_torch_device(), mm.unet_offload_device()
     if weight_dtype == "auto":
         dtype = mm.unet_dtype(model_params=comfy.utils.calculate_parameters(state),
@@ -149,4 +236,7 @@ def load_image_model(path: str | os.PathLike, context_kinds: tuple[str, ...], we
     model.load_model_weights(state, "")
     log.info("VD image MODEL: %s context layers, weights %s (compute %s)", "+".join(context_kinds), dtype,
              manual_cast or dtype)
-    return ModelPatcher(model, load_device=load_device, offload_device=offload_device)
+    patcher = ModelPatcher(model, load_device=load_device, offload_device=offload_device)
+    patcher.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.OUTER_SAMPLE, "vd_unreached_patches",
+                                 _warn_unreached_patches)
+    return patcher
