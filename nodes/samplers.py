@@ -124,6 +124,14 @@ class _ImageSampler:
         }
 
     @staticmethod
+    def conditioning_inputs() -> dict:
+        """Optional core CONDITIONING in place of the context, for Apply ControlNet and area nodes."""
+        tip = ("Optional: '{}' of VD Context to Conditioning after conditioning nodes (Apply ControlNet, "
+               "areas); connect both, and they are used instead of the context.")
+        return {"positive": ("CONDITIONING", {"tooltip": tip.format("positive")}),
+                "negative": ("CONDITIONING", {"tooltip": tip.format("negative")})}
+
+    @staticmethod
     def image_to_image_inputs() -> dict:
         """The optional start latent and denoise amount of the image-to-image samplers."""
         return {
@@ -134,9 +142,13 @@ class _ImageSampler:
         }
 
     def run(self, model, context, seed, steps, cfg, sampler, scheduler, eta, width, height, batch_size,
-            latent=None, denoise=1.0):
+            latent=None, denoise=1.0, positive=None, negative=None):
         name = self.DISPLAY_NAME
         with reported_as(name):
+            if (positive is None) != (negative is None):
+                raise VDInputError(
+                    f"{name}: connect both positive and negative (the two outputs of VD Context to Conditioning), or neither"
+                )
             if model is None:
                 raise MissingPartError(
                     f"{name}: no image MODEL is loaded. In the VD Loader choose a diffuser and set image_model to "
@@ -164,7 +176,8 @@ class _ImageSampler:
                                  model_channels=model.model.diffusion_model.model_channels)
             options = _options(seed, steps, cfg, sampler, scheduler, eta, preview_callback(model, steps))
             result = sample_image_latent(model, context, samples, options=options, noise=item_noise(seed, batch_index),
-                                         denoise=denoise if latent is not None else 1.0, noise_mask=noise_mask)
+                                         denoise=denoise if latent is not None else 1.0, noise_mask=noise_mask,
+                                         conditioning=None if positive is None else (positive, negative))
             out = dict(latent) if latent is not None else {}
             out["samples"] = check_result(result, "the sampled image latents").to(STORAGE_DEVICE, torch.float32)
             return (out,)
@@ -175,7 +188,8 @@ class VDTextToImage(_ImageSampler):
     SEARCH_ALIASES = ["txt2img", "text to image", "generate", "sampler", "t2i"]
     DESCRIPTION = (
         "Samples images from a text context (or any mixed context) with VD's image flow. With a latent "
-        "and denoise < 1 it redraws an existing image (image-to-image)."
+        "and denoise < 1 it redraws an existing image (image-to-image); with positive/negative from VD "
+        "Context to Conditioning through Apply ControlNet, ControlNet steers it."
     )
 
     @classmethod
@@ -185,13 +199,13 @@ class VDTextToImage(_ImageSampler):
                 **sampling_inputs(IMAGE_MODEL_INPUT, "The context: VD CLIP Text Context, or a mixer's output."),
                 **cls.size_inputs(),
             },
-            "optional": cls.image_to_image_inputs(),
+            "optional": {**cls.image_to_image_inputs(), **cls.conditioning_inputs()},
         }
 
     def sample(self, model, context, seed, steps, cfg, sampler, scheduler, eta, width, height, batch_size,
-               latent=None, denoise=1.0):
+               latent=None, denoise=1.0, positive=None, negative=None):
         return self.run(model, context, seed, steps, cfg, sampler, scheduler, eta, width, height, batch_size,
-                        latent, denoise)
+                        latent, denoise, positive, negative)
 
 
 class VDImageVariation(_ImageSampler):

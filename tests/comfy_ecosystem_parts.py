@@ -210,14 +210,12 @@ def make_controlnet(model, seed: int = 0):
 
 
 def vd_sample_conditioning(vd, model, positive, negative, width, height, seed=SEED):
-    """The VD sampler (exact DDIM, VD Text to Image's settings) on a core CONDITIONING pair."""
-    sampling = importlib.import_module("vd_pack.nodes.comfy_sampling")
-    samplers = importlib.import_module("vd_pack.nodes.samplers")
-    options = samplers._options(seed, STEPS, CFG, "ddim", "uniform", 0.0, None)
-    latent = torch.zeros(1, 4, height // 8, width // 8)
+    """VD Text to Image (exact DDIM) on a core CONDITIONING pair (its optional positive/negative)."""
+    node = vd.nodes["VDTextToImage"]
     with torch.inference_mode():
-        return sampling.sample_image_latent(model, None, latent, options=options, noise=samplers.item_noise(seed, [0]),
-                                            conditioning=(positive, negative))
+        (latent,) = node.sample(model, vd.text, seed, STEPS, CFG, "ddim", "uniform", 0.0, width, height, 1,
+                                positive=positive, negative=negative)
+    return latent["samples"]
 
 
 def count_transformer_blocks(model) -> int:

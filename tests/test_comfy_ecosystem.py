@@ -17,8 +17,6 @@ from __future__ import annotations
 import importlib
 import json
 import logging
-import os
-import sys
 from types import SimpleNamespace
 
 import pytest
@@ -33,37 +31,20 @@ from node_fixtures import comfy_image
 
 
 @pytest.fixture(scope="module")
-def comfy(pack, release_dir, tmp_path_factory):
-    """ComfyUI imported in-process on the CPU (``$VD_COMFYUI_DIR``), the tiny release folder as
-    the VD model folder and a temporary folder for LoRAs and saved models."""
-    comfy_dir = os.environ.get("VD_COMFYUI_DIR")
-    if not comfy_dir:
-        pytest.skip("set VD_COMFYUI_DIR to a ComfyUI work tree (and run pytest with its Python) to test inside ComfyUI")
-    if comfy_dir not in sys.path:
-        sys.path.insert(0, comfy_dir)  # before the repository root: `nodes` is ComfyUI's nodes.py
-    argv, sys.argv = sys.argv, [sys.argv[0], "--cpu"]  # ComfyUI parses the command line on import
-    try:
-        import comfy.options
-
-        comfy.options.enable_args_parsing()
-        import comfy.model_management
-        import folder_paths
-        import nodes as comfy_nodes
-    finally:
-        sys.argv = argv
+def eco(release_models, tmp_path_factory):
+    """The in-process ComfyUI with the tiny release folder as the VD model folder (node_fixtures) and
+    temporary folders for LoRAs and saved models."""
     work = tmp_path_factory.mktemp("comfy_models")
-    folder_paths.add_model_folder_path("versatile_diffusion", str(release_dir))
-    folder_paths.add_model_folder_path("clip_vision", str(release_dir))
-    folder_paths.add_model_folder_path("loras", str(work / "loras"))
-    folder_paths.add_model_folder_path("versatile_diffusion", str(work / "saved"))
     (work / "loras").mkdir()
     (work / "saved").mkdir()
-    return SimpleNamespace(nodes=comfy_nodes, folder_paths=folder_paths, work=work,
+    release_models.register_models("loras", work / "loras")
+    release_models.register_models("versatile_diffusion", work / "saved")
+    return SimpleNamespace(nodes=release_models.nodes, folder_paths=release_models.folder_paths, work=work,
                            vd=importlib.import_module("vd_pack.nodes"))
 
 
 @pytest.fixture(scope="module")
-def vd(comfy, nodes, release_dir):
+def vd(eco, nodes, release_dir):
     """The pack's nodes, the VD CLIP, the text and image contexts of the fixture's prompt/image."""
     with torch.inference_mode():
         _, _, clip, _, _ = nodes["VDLoader"].load(DIFFUSER, "none", "none", "none", CLIP, "none", "fp32")
@@ -90,11 +71,11 @@ def mix_model(vd):
 
 
 @pytest.mark.parametrize("style", ["kohya", "diffusers"])
-def test_sd15_lora_equals_merging_its_delta(comfy, vd, text_model, style, caplog):
+def test_sd15_lora_equals_merging_its_delta(eco, vd, text_model, style, caplog):
     tensors, deltas = make_lora(text_model, style)
-    name = save_lora(comfy, tensors, f"tiny_{style}.safetensors")
+    name = save_lora(eco, tensors, f"tiny_{style}.safetensors")
     with caplog.at_level(logging.WARNING):
-        (lora_model,) = comfy.nodes.LoraLoaderModelOnly().load_lora_model_only(text_model, name, LORA_STRENGTH)
+        (lora_model,) = eco.nodes.LoraLoaderModelOnly().load_lora_model_only(text_model, name, LORA_STRENGTH)
         width, height = sizes(text_model)
         with_lora = vd_sample(vd, lora_model, vd.text, width, height)
     assert not [r.getMessage() for r in caplog.records if "lora key not loaded" in r.getMessage()]
@@ -107,12 +88,12 @@ def test_sd15_lora_equals_merging_its_delta(comfy, vd, text_model, style, caplog
     logging.getLogger(__name__).info("%s LoRA: max|Δ| vs merged %.3e, change vs plain %.3e", style, gap, change)
     # The same patched MODEL under core KSampler.
     positive, negative = conditioning(vd, vd.text)
-    assert_changed(ksample(comfy, lora_model, positive, negative, width, height),
-                   ksample(comfy, text_model, positive, negative, width, height), f"{style} LoRA under KSampler")
+    assert_changed(ksample(eco, lora_model, positive, negative, width, height),
+                   ksample(eco, text_model, positive, negative, width, height), f"{style} LoRA under KSampler")
 
 
 @pytest.mark.parametrize("image_model", ["text", "text+image", "image"])
-def test_every_sd15_lora_key_maps_onto_the_full_size_vd_model(comfy, ref_dir, image_model):
+def test_every_sd15_lora_key_maps_onto_the_full_size_vd_model(eco, ref_dir, image_model):
     """Full size (the official key manifest, weights on the meta device): every key an SD 1.5 LoRA
     can have (kohya, diffusers, LyCORIS) names the same weight, of the same shape, in VD's MODEL."""
     import comfy.lora
@@ -160,7 +141,7 @@ def test_freeu_acts_on_the_model_widths(text_model):
 
 
 @pytest.mark.parametrize("name", list(PATCHES))
-def test_model_patch_runs_and_changes_the_output(comfy, vd, text_model, name):
+def test_model_patch_runs_and_changes_the_output(eco, vd, text_model, name):
     size = sizes(text_model)  # SAG needs > 4 latent cells per side, HyperTile ≥ 2 tiles of ≥ 4
     assert min(size) // 8 > 4
     patched = PATCHES[name](text_model, size)
@@ -169,8 +150,8 @@ def test_model_patch_runs_and_changes_the_output(comfy, vd, text_model, name):
     change = assert_changed(vd_sample(vd, patched, vd.text, *size), vd_sample(vd, text_model, vd.text, *size),
                             f"{name} under VD Text to Image")
     positive, negative = conditioning(vd, vd.text)
-    k_change = assert_changed(ksample(comfy, patched, positive, negative, *size),
-                              ksample(comfy, text_model, positive, negative, *size), f"{name} under KSampler")
+    k_change = assert_changed(ksample(eco, patched, positive, negative, *size),
+                              ksample(eco, text_model, positive, negative, *size), f"{name} under KSampler")
     logging.getLogger(__name__).info("%s: change %.3e (VD sampler), %.3e (KSampler)", name, change, k_change)
 
 
@@ -187,20 +168,20 @@ def test_model_patch_runs_on_a_mix(vd, mix_model, name):
 
 
 
-def test_sd15_controlnet_applies_to_vd_conditioning(comfy, vd, text_model, release_dir):
+def test_sd15_controlnet_applies_to_vd_conditioning(eco, vd, text_model, release_dir):
     control = make_controlnet(text_model)
     hint = comfy_image(release_dir / "expected" / "image_0.png")
     size = sizes(text_model)
     positive, negative = conditioning(vd, vd.text)
     with torch.inference_mode():
-        controlled = comfy.nodes.ControlNetApplyAdvanced().apply_controlnet(
+        controlled = eco.nodes.ControlNetApplyAdvanced().apply_controlnet(
             positive, negative, control, hint, 1.0, 0.0, 1.0)
     plain = vd_sample_conditioning(vd, text_model, positive, negative, *size)
     # Without ControlNet the conditioning route is VD Text to Image itself.
     assert max_diff(plain, vd_sample(vd, text_model, vd.text, *size)) == 0
     change = assert_changed(vd_sample_conditioning(vd, text_model, *controlled, *size), plain, "ControlNet, VD sampler")
-    k_change = assert_changed(ksample(comfy, text_model, *controlled, *size),
-                              ksample(comfy, text_model, positive, negative, *size), "ControlNet, KSampler")
+    k_change = assert_changed(ksample(eco, text_model, *controlled, *size),
+                              ksample(eco, text_model, positive, negative, *size), "ControlNet, KSampler")
     logging.getLogger(__name__).info("ControlNet: change %.3e (VD sampler), %.3e (KSampler)", change, k_change)
 
 
@@ -264,7 +245,7 @@ def test_attn2_patch_reaches_both_context_layers_of_a_mix(vd, mix_model):
 # -------------------------------------------------------------------- 5. merging and saving
 
 
-def test_merged_model_saves_and_loads_back_through_the_vd_loader(comfy, vd, text_model):
+def test_merged_model_saves_and_loads_back_through_the_vd_loader(eco, vd, text_model):
     merging = importlib.import_module("comfy_extras.nodes_model_merging")
     _, deltas = make_lora(text_model, "kohya")
     other = merged_copy(vd, deltas)
@@ -273,10 +254,10 @@ def test_merged_model_saves_and_loads_back_through_the_vd_loader(comfy, vd, text
     expected = vd_sample(vd, merged, vd.text, *size)
     assert_changed(expected, vd_sample(vd, text_model, vd.text, *size), "ModelMergeSimple")
     saver = merging.ModelSave()
-    saver.output_dir = str(comfy.work / "saved")  # a folder the VD Loader lists (models/versatile_diffusion)
+    saver.output_dir = str(eco.work / "saved")  # a folder the VD Loader lists (models/versatile_diffusion)
     with torch.inference_mode():
         saver.save(merged, "vd_merged")
-    (saved,) = [p.name for p in (comfy.work / "saved").glob("vd_merged_*.safetensors")]
+    (saved,) = [p.name for p in (eco.work / "saved").glob("vd_merged_*.safetensors")]
     reloaded = load_model(vd.nodes, "text", diffuser=saved)
     gap = max_diff(vd_sample(vd, reloaded, vd.text, *size), expected)
     assert gap == 0, f"saved and reloaded merge: max|Δ| = {gap:.2e}"
@@ -286,20 +267,20 @@ def test_merged_model_saves_and_loads_back_through_the_vd_loader(comfy, vd, text
         load_model(vd.nodes, "text+image", diffuser=saved)
 
 
-def test_checkpoint_of_a_mix_model_with_its_vae_loads_back(comfy, vd, mix_model):
+def test_checkpoint_of_a_mix_model_with_its_vae_loads_back(eco, vd, mix_model):
     """Save Checkpoint's writer (``comfy.sd.save_checkpoint``; the node itself also wants a core CLIP,
     which VD has not) with the VD VAE: one file the VD Loader reads as diffuser and image VAE."""
     save_checkpoint = importlib.import_module("comfy.sd").save_checkpoint
     with torch.inference_mode():
         vae = vd.nodes["VDLoader"].load("none", "none", "none", "none", "none", "kl-f8.pth", "fp32")[4]
-        save_checkpoint(str(comfy.work / "saved" / "vd_mix.safetensors"), mix_model, vae=vae)
+        save_checkpoint(str(eco.work / "saved" / "vd_mix.safetensors"), mix_model, vae=vae)
         reloaded, _, _, _, reloaded_vae = vd.nodes["VDLoader"].load(
             "vd_mix.safetensors", "text+image", "none", "none", "none", "vd_mix.safetensors", "fp32")
     size = sizes(mix_model)
     original = vd_sample(vd, mix_model, vd.mix, *size)
     assert max_diff(vd_sample(vd, reloaded, vd.mix, *size), original) == 0
     with torch.inference_mode():
-        pictures = [comfy.nodes.VAEDecode().decode(v, {"samples": original})[0] for v in (vae, reloaded_vae)]
+        pictures = [eco.nodes.VAEDecode().decode(v, {"samples": original})[0] for v in (vae, reloaded_vae)]
     assert max_diff(*pictures) == 0
     # The text+image file also serves an image MODEL (the text-context layers stay on disk).
     image_only = load_model(vd.nodes, "image", diffuser="vd_mix.safetensors")
@@ -312,12 +293,12 @@ def test_checkpoint_of_a_mix_model_with_its_vae_loads_back(comfy, vd, mix_model)
 UNREACHED = "unpatched image-context layers"
 
 
-def test_lora_on_a_mix_warns_that_the_image_layers_stay_unpatched(comfy, vd, text_model, mix_model, caplog):
+def test_lora_on_a_mix_warns_that_the_image_layers_stay_unpatched(eco, vd, text_model, mix_model, caplog):
     tensors, deltas = make_lora(mix_model, "kohya")
     in_context_layers = sum(".transformer_blocks." in native for native in deltas)  # the rest: ResBlocks
-    name = save_lora(comfy, tensors, "tiny_mix.safetensors")
-    (lora_mix,) = comfy.nodes.LoraLoaderModelOnly().load_lora_model_only(mix_model, name, LORA_STRENGTH)
-    (lora_text,) = comfy.nodes.LoraLoaderModelOnly().load_lora_model_only(text_model, name, LORA_STRENGTH)
+    name = save_lora(eco, tensors, "tiny_mix.safetensors")
+    (lora_mix,) = eco.nodes.LoraLoaderModelOnly().load_lora_model_only(mix_model, name, LORA_STRENGTH)
+    (lora_text,) = eco.nodes.LoraLoaderModelOnly().load_lora_model_only(text_model, name, LORA_STRENGTH)
     size = sizes(mix_model)
     with caplog.at_level(logging.WARNING):
         text_run = vd_sample(vd, lora_mix, vd.text, *size)
@@ -325,7 +306,7 @@ def test_lora_on_a_mix_warns_that_the_image_layers_stay_unpatched(comfy, vd, tex
     # On a text context the text+image MODEL is the text MODEL, with the LoRA's native keys valid on both.
     assert max_diff(text_run, vd_sample(vd, lora_text, vd.text, *size)) == 0
     for run in (lambda: vd_sample(vd, lora_mix, vd.mix, *size),
-                lambda: ksample(comfy, lora_mix, *conditioning(vd, vd.mix), *size),
+                lambda: ksample(eco, lora_mix, *conditioning(vd, vd.mix), *size),
                 lambda: vd_sample(vd, lora_mix, vd.image, *size)):
         caplog.clear()
         with caplog.at_level(logging.WARNING):
@@ -334,11 +315,11 @@ def test_lora_on_a_mix_warns_that_the_image_layers_stay_unpatched(comfy, vd, tex
         assert len(warned) == 1 and f"{in_context_layers} weight patches" in warned[0], caplog.text
 
 
-def test_lora_on_the_image_model_says_it_patches_image_context_layers(comfy, vd, caplog):
+def test_lora_on_the_image_model_says_it_patches_image_context_layers(eco, vd, caplog):
     image_model = load_model(vd.nodes, "image")
     tensors, _ = make_lora(image_model, "kohya")
-    name = save_lora(comfy, tensors, "tiny_image.safetensors")
-    (lora_image,) = comfy.nodes.LoraLoaderModelOnly().load_lora_model_only(image_model, name, LORA_STRENGTH)
+    name = save_lora(eco, tensors, "tiny_image.safetensors")
+    (lora_image,) = eco.nodes.LoraLoaderModelOnly().load_lora_model_only(image_model, name, LORA_STRENGTH)
     with caplog.at_level(logging.WARNING):
         vd_sample(vd, lora_image, vd.image, *sizes(image_model))
     assert any("change VD's image-context layers" in r.getMessage() for r in caplog.records), caplog.text
@@ -351,13 +332,13 @@ def test_lora_on_the_image_model_says_it_patches_image_context_layers(comfy, vd,
     assert not [r for r in caplog.records if "image-context layers" in r.getMessage()], caplog.text
 
 
-def test_sd_conditioning_on_the_vd_model_is_refused_with_the_fix(comfy, vd, text_model):
+def test_sd_conditioning_on_the_vd_model_is_refused_with_the_fix(eco, vd, text_model):
     """CLIP Text Encode's CONDITIONING (tokens + pooled output, no VD keys) must not run silently."""
     errors = importlib.import_module("vd_pack.vd_core.errors")
     tokens = vd.text[0].cond
     sd_conditioning = [[torch.randn_like(tokens), {"pooled_output": torch.randn(tokens.shape[0], tokens.shape[-1])}]]
     size = sizes(text_model)
     with pytest.raises(errors.VDInputError, match="VD Context to Conditioning"):
-        ksample(comfy, text_model, sd_conditioning, sd_conditioning, *size)
+        ksample(eco, text_model, sd_conditioning, sd_conditioning, *size)
     with pytest.raises(errors.VDInputError, match="CLIP Text Encode"):
         vd_sample_conditioning(vd, text_model, sd_conditioning, sd_conditioning, *size)
