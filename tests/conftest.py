@@ -27,12 +27,44 @@ def reference_dir() -> Path:
     return Path(os.environ.get("VD_REFERENCE_DIR", ROOT.parent / "shared" / "vd_reference")).resolve()
 
 
+# What a complete fixture folder holds besides the tensor files its index.json lists.
+TINY_JSON = ("config.json", "index.json", "app.json", "app_defaults.json", "apply_model.json", "ddim.json",
+             "optimus.json", "precision.json", "schedule.json", "text_postprocess.json", "vae.json", "adjust_rank.json")
+RELEASE_FILES = ("vd-four-flow-v1-0-fp16.pth", "kl-f8.pth", "optimus-vae.pth",
+                 "clip-vit-large-patch14/config.json", "clip-vit-large-patch14/model.safetensors",
+                 "clip-vit-large-patch14/preprocessor_config.json", "clip-vit-large-patch14/vocab.json",
+                 "clip-vit-large-patch14/merges.txt", "optimus_tokenizers/bert-base-cased/vocab.txt",
+                 "optimus_tokenizers/gpt2/vocab.json", "optimus_tokenizers/gpt2/merges.txt",
+                 "expected/index.json", "expected/config.json", "expected/ddim.json", "expected/clip.json",
+                 "expected/optimus.json", "expected/image_0.png", "expected/image_1.png")
+
+
+def missing_files(folder: Path, names) -> list[str]:
+    """``names`` (relative paths) absent from ``folder``, plus the tensor files its ``index.json`` lists."""
+    names = list(names)
+    index = folder / "index.json"
+    if index.is_file():
+        names += list(json.loads(index.read_text()))
+    return [name for name in dict.fromkeys(names) if not (folder / name).is_file()]
+
+
+def fixtures_unavailable(message: str):
+    """Skip locally; under ``CI=true`` a missing or incomplete fixture folder fails the run instead,
+    so that a CI job without its fixtures cannot pass by skipping most of the suite."""
+    if os.environ.get("CI", "").strip().lower() in ("true", "1", "yes"):
+        pytest.fail(f"{message} — CI=true requires the fixtures: set VD_REFERENCE_DIR to a complete "
+                    "vd_reference folder (tiny/ and tiny_release/, made by the fixture generator)", pytrace=False)
+    pytest.skip(message)
+
+
 @pytest.fixture(scope="session")
 def ref_dir() -> Path:
-    """The vd_reference folder; tests that need it skip cleanly when it is absent."""
+    """The vd_reference folder with a complete ``tiny/``; skips when absent (fails under CI=true)."""
     path = reference_dir()
-    if not (path / "tiny" / "weights.safetensors").is_file():
-        pytest.skip(f"reference fixtures not found at {path} (set VD_REFERENCE_DIR)")
+    missing = missing_files(path / "tiny", ["weights.safetensors", *TINY_JSON])
+    if missing:
+        fixtures_unavailable(f"reference fixtures incomplete at {path / 'tiny'}: missing {', '.join(missing[:6])}"
+                             f"{' …' if len(missing) > 6 else ''} (set VD_REFERENCE_DIR)")
     return path
 
 
@@ -43,15 +75,31 @@ def tiny_dir(ref_dir) -> Path:
 
 @pytest.fixture(scope="session")
 def release_dir(ref_dir) -> Path:
+    """``tiny_release/``, complete; skips when absent (fails under CI=true)."""
     path = ref_dir / "tiny_release"
-    if not (path / "vd-four-flow-v1-0-fp16.pth").is_file():
-        pytest.skip(f"release-layout fixtures not found at {path}")
+    missing = missing_files(path / "expected", [])
+    missing = [name for name in RELEASE_FILES if not (path / name).is_file()] + [f"expected/{m}" for m in missing]
+    if missing:
+        fixtures_unavailable(f"release-layout fixtures incomplete at {path}: missing {', '.join(missing[:6])}"
+                             f"{' …' if len(missing) > 6 else ''}")
     return path
 
 
 @pytest.fixture(scope="session")
 def tiny_config(tiny_dir) -> dict:
     return json.loads((tiny_dir / "config.json").read_text())["tiny"]
+
+
+def release_config(release_dir: Path) -> dict:
+    """``tiny_release/expected/config.json["tiny"]``: the miniature's hyper-parameters."""
+    return json.loads((release_dir / "expected" / "config.json").read_text())["tiny"]
+
+
+def optimus_heads(config: dict) -> dict:
+    """``load_optimus`` head-count keywords from a fixture config (``config.json["tiny"]``)."""
+    text_vae = config["vae_text"]
+    return {"bert_heads": text_vae["bert"]["config"]["num_attention_heads"],
+            "gpt2_heads": text_vae["gpt2"]["config"]["n_head"]}
 
 
 def load_tensors(path: Path) -> dict:

@@ -20,7 +20,7 @@ import json
 import pytest
 import torch
 
-from conftest import assert_close_ref, load_tensors, reference_dir
+from conftest import assert_close_ref, load_tensors, optimus_heads, reference_dir
 from vd_core.clip_loading import load_clip
 from vd_core.contexts import GuidedContext
 from vd_core.diffuser import load_diffuser
@@ -73,7 +73,7 @@ def tiny_models(tiny_dir, tiny_config, release_dir) -> VDModels:
         optimus=load_optimus(
             weights,
             tokenizer_dir=release_dir / "optimus_tokenizers",  # the real vocabularies the tiny model uses
-            num_heads=tiny_config["vae_text"]["gpt2"]["config"]["n_head"],
+            **optimus_heads(tiny_config),
         ),
     )
 

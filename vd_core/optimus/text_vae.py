@@ -15,9 +15,9 @@ from torch import nn
 
 from ..checkpoint import describe_keys, load_exactly, read_state_dict, strip_prefix
 from ..errors import CheckpointError, TokenizerNotFoundError, VDInputError
-from .bert_encoder import BertEncoderConfig, BertLatentEncoder
+from .bert_encoder import RELEASE_BERT_HEADS, BertEncoderConfig, BertLatentEncoder
 from .decoding import caption_from_ids, generate_token_ids
-from .gpt2_decoder import GPT2DecoderConfig, GPT2LatentDecoder
+from .gpt2_decoder import RELEASE_GPT2_HEADS, GPT2DecoderConfig, GPT2LatentDecoder
 from .tokenizers import OptimusTokenizers, find_optimus_tokenizers
 
 log = logging.getLogger(__name__)
@@ -154,8 +154,8 @@ def load_optimus(path: str | os.PathLike, tokenizer_dir: str | os.PathLike | Non
     """
     state = _optimus_state(read_state_dict(path, what="Optimus text VAE file"), path)
     try:
-        enc_config = BertEncoderConfig.from_state_dict(strip_prefix(state, "encoder."), num_heads)
-        dec_config = GPT2DecoderConfig.from_state_dict(strip_prefix(state, "decoder."), num_heads)
+        enc_config = BertEncoderConfig.from_state_dict(strip_prefix(state, "encoder."), bert_heads)
+        dec_config = GPT2DecoderConfig.from_state_dict(strip_prefix(state, "decoder."), gpt2_heads)
     except KeyError as exc:
         key = ("decoder." if exc.args[0].startswith("transformer.") else "encoder.") + exc.args[0]
         raise CheckpointError(
