@@ -137,12 +137,14 @@ def _check_vocabularies(tok: OptimusTokenizers, enc: BertEncoderConfig, dec: GPT
         )
 
 
-def load_optimus(path: str | os.PathLike, tokenizer_dir: str | os.PathLike | None = None, num_heads: int = 12,
+def load_optimus(path: str | os.PathLike, tokenizer_dir: str | os.PathLike | None = None, *,
+                 bert_heads: int = RELEASE_BERT_HEADS, gpt2_heads: int = RELEASE_GPT2_HEADS,
                  dtype: torch.dtype | None = None, device: str | torch.device = "cpu") -> OptimusVAE:
     """Load ``optimus-vae.pth`` (keys without prefix) or the ``vae.text.*`` part of an all-in-one VD file.
 
-    Sizes come from the tensor shapes; ``num_heads`` (BERT and GPT-2, 12 in the release) is in
-    no file. The causal-mask buffers are ignored when present; either of the tied
+    Sizes come from the tensor shapes; the attention heads of the encoder (``bert_heads``) and
+    of the decoder (``gpt2_heads``), 12 each in the release, are in no file. They only change
+    how each half splits its attention, so a model whose halves differ needs both. The causal-mask buffers are ignored when present; either of the tied
     ``decoder.lm_head.weight`` / ``decoder.transformer.wte.weight`` may be missing. Tokenizers
     are looked up as described in :mod:`.tokenizers` (``tokenizer_dir``, then beside ``path``,
     then the local Hugging Face cache).
