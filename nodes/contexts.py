@@ -95,7 +95,8 @@ class VDCLIPImageContext:
             elif clip_vision is not None:
                 # ComfyUI's CLIP vision holds transformers-named vision weights; vd_core rebuilds the
                 # official encoder from them so preprocessing and projection follow SPEC §5.2.
-                encoder = CLIPContextEncoder.from_state_dict(clip_vision.get_sd(), device=bridge.offload_device())
+                encoder = CLIPContextEncoder.from_state_dict(clip_vision.get_sd(), clip_vision_config(clip_vision),
+                                                             device=bridge.offload_device())
                 context = image_context(bridge.managed(encoder).use(), images, keep, focus=focus, weight=weight)
             else:
                 raise MissingPartError(
@@ -104,6 +105,20 @@ class VDCLIPImageContext:
                     "(ViT-L/14) to 'clip_vision'."
                 )
             return ((stored_context(context),),)
+
+
+def clip_vision_config(clip_vision) -> dict | None:
+    """The head count of a core ``CLIP_VISION`` as a ``CLIPConfig``-style dict, or None.
+
+    No file stores the heads; ComfyUI's ``ClipVisionModel`` built its encoder from its own json, so
+    its attention layers know them (``model.vision_model.encoder.layers[i].self_attn.heads``).
+    Without that, the encoder takes 64-wide heads, which is right for ViT-L/14 (1024 wide, 16 heads).
+    """
+    try:
+        heads = clip_vision.model.vision_model.encoder.layers[0].self_attn.heads
+    except (AttributeError, IndexError, TypeError):
+        return None
+    return {"vision_config": {"num_attention_heads": int(heads)}}
 
 
 class VDDualContextMixer:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import sys
 from pathlib import Path
 
@@ -100,6 +101,21 @@ def optimus_heads(config: dict) -> dict:
     text_vae = config["vae_text"]
     return {"bert_heads": text_vae["bert"]["config"]["num_attention_heads"],
             "gpt2_heads": text_vae["gpt2"]["config"]["n_head"]}
+
+
+def guidance_of(case: dict, default: float) -> float:
+    """The guidance scale of a ``ddim.json`` case from its description ("CFG 7.5", "guidance scale 1");
+    ``default`` (the fixture's WebUI scale, which the generator uses) where the description names none."""
+    found = re.search(r"(?:CFG|guidance scale) ([0-9.]+)", case["description"])
+    return float(found.group(1).rstrip(".")) if found else default
+
+
+def dual_ratios(description: str) -> tuple[float, float]:
+    """(text ratio, image ratio) of a dual-context ``ddim.json`` case description
+    ("text ratio 0.3 + image ratio 0.7", "text dual_text_c ratio 0.4 (u = text_u) + image i2i_c ratio 0.6")."""
+    found = re.search(r"\btext\b[^+]*?ratio ([0-9.]+)[^+]*\+[^,]*?\bimage\b[^,]*?ratio ([0-9.]+)", description)
+    assert found, f"no text/image ratios in the case description {description!r}"
+    return float(found.group(1)), float(found.group(2))
 
 
 def load_tensors(path: Path) -> dict:
