@@ -6,7 +6,7 @@ import json
 
 import pytest
 import torch
-from conftest import APPLY_MODEL_CASES, assert_close_ref, contexts_for, load_tensors
+from conftest import APPLY_MODEL_CASES, assert_close_ref, contexts_for, half_precision_rel, load_tensors
 
 from vd_core.diffuser import ContextInput, DiffuserConfig, DiffuserParts, FourFlowDiffuser
 from vd_core.diffuser.layout import execution_order
@@ -101,15 +101,6 @@ def test_zero_ratio_context_leaves_single_context_result(tiny_dir, tiny_model, t
     assert_close_ref(tiny_model(tiny_inputs["x_text"], tiny_inputs["t_pair"], contexts), expected, 1e-4, "ratio 0")
 
 
-# Bounds relative to max(1, max|ref|). SPEC §9 / README: float16 moves a single forward by ≈1e-3–5e-3
-# relative. The tiny text diffuser's GroupNorm groups of 4–8 values (README) make its text flow less
-# well conditioned: the official code itself, in float16 on a CPU, misses float32 by up to 1.2e-2
-# relative on tiny text-flow forwards (measured on 18 random tiny architectures; ours is as close or
-# closer: the same layers in the same dtype, no part at lower precision). bfloat16 keeps 3 fewer
-# mantissa bits than float16: 8× the bound.
-HALF_PRECISION_REL = {torch.float16: {"image": 1e-2, "text": 2e-2}, torch.bfloat16: {"image": 8e-2, "text": 1.6e-1}}
-
-
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("name", ["eps_image_textctx", "eps_text_imagectx", "eps_image_mc_text0p3_image0p7"])
 def test_half_precision_forward_is_close_to_float32(name, dtype, tiny_dir, tiny_state, tiny_model, tiny_inputs):
@@ -118,7 +109,7 @@ def test_half_precision_forward_is_close_to_float32(name, dtype, tiny_dir, tiny_
     model = FourFlowDiffuser(tiny_model.config).to(dtype)
     model.load_state_dict(tiny_state)
     data, spec = APPLY_MODEL_CASES[name]
-    rel = HALF_PRECISION_REL[dtype]["text" if data == "x_text" else "image"]
+    rel = half_precision_rel(dtype, data)
     with torch.no_grad():
         eps = model(tiny_inputs[data].to(dtype), tiny_inputs["t_pair"], contexts_for(spec, tiny_inputs))
     assert eps.dtype == dtype and torch.isfinite(eps).all()
