@@ -77,9 +77,10 @@ def release_expected(release_dir):
 
 @pytest.fixture(scope="module")
 def release_images(release_dir):
-    """image_0.png (64×64) and image_1.png (80×112) as (1, 3, H, W) floats in [0, 1]."""
+    """image_0.png (square) and image_1.png (not square) as (1, 3, H, W) floats in [0, 1]."""
     images = []
-    for i in range(2):
+    count = len(load_tensors(release_dir / "expected" / "clip.safetensors")["image_ctx"])
+    for i in range(count):
         pixels = np.asarray(Image.open(release_dir / "expected" / f"image_{i}.png").convert("RGB"))
         images.append(torch.from_numpy(pixels.copy()).permute(2, 0, 1)[None].float() / 255)
     return images
