@@ -193,7 +193,8 @@ def test_fidelity_one_returns_the_resized_input(models, release_dir):
     image = png(release_dir / "expected" / "image_1.png")
     width, height = 56, 40  # another size than the image's: a real resize
     result = image_variation(models, image, n=2, fidelity=1.0, width=width, height=height)
-    assert result.images.shape == (2, 3, height, width) and result.latents.shape == latent_shape(models, 2, width, height)
+    assert result.images.shape == (2, 3, height, width)
+    assert result.latents.shape == latent_shape(models, 2, width, height)
     resized = Image.open(release_dir / "expected" / "image_1.png").convert("RGB").resize((width, height),
                                                                                        Image.Resampling.BICUBIC)
     assert torch.equal((result.images[0].permute(1, 2, 0) * 255).round().byte(), torch.from_numpy(np.asarray(resized).copy()))

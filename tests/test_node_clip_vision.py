@@ -40,7 +40,8 @@ def test_image_context_from_core_clip_vision_is_the_official_context(nodes, expe
     for i in range(expected["clip"]["image_ctx"].shape[0]):
         image = comfy_image(release_dir / "expected" / f"image_{i}.png")
         with torch.inference_mode():
-            (output,) = nodes["VDCLIPImageContext"].encode(image, 0.5, 1.0, clip_vision=CoreClipVision(vision_weights, heads))
+            clip_vision = CoreClipVision(vision_weights, heads)
+            (output,) = nodes["VDCLIPImageContext"].encode(image, 0.5, 1.0, clip_vision=clip_vision)
         context = first_context((output,))
         assert context.kind == "image"
         assert_close_ref(context.cond, expected["clip"]["image_ctx"][i : i + 1], REL, f"image_{i} via CLIP_VISION")
@@ -55,6 +56,7 @@ def test_heads_of_a_core_clip_vision_are_used(nodes, expected, release_dir, visi
         pytest.skip("this fixture's CLIP vision heads are 64 wide: the fallback is right")
     image = comfy_image(release_dir / "expected" / "image_0.png")
     with torch.inference_mode():
-        (output,) = nodes["VDCLIPImageContext"].encode(image, 0.5, 1.0, clip_vision=CoreClipVision(vision_weights, None))
+        clip_vision = CoreClipVision(vision_weights, None)
+        (output,) = nodes["VDCLIPImageContext"].encode(image, 0.5, 1.0, clip_vision=clip_vision)
     error = (first_context((output,)).cond - expected["clip"]["image_ctx"][:1]).abs().max().item()
     assert error > 1e-3

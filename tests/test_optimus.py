@@ -315,7 +315,8 @@ def test_encoder_and_decoder_head_counts_are_separate(release_dir, release_ref):
     for right, wrong_half in (("bert_heads", "gpt2_heads"), ("gpt2_heads", "bert_heads")):
         mixed = {right: heads[right], wrong_half: _other_divisor(width[wrong_half], heads[wrong_half])}
         vae = load_optimus(path, **mixed)
-        assert (vae.encoder.config.num_heads, vae.decoder.config.num_heads) == (mixed["bert_heads"], mixed["gpt2_heads"])
+        used = (vae.encoder.config.num_heads, vae.decoder.config.num_heads)
+        assert used == (mixed["bert_heads"], mixed["gpt2_heads"])
         with torch.no_grad():
             latent_err = (vae.encode(ref["encode_texts"]) - tensors["encode_latent"]).abs().max().item()
             logits_err = (vae.decoder(ids, latent)[0] - tensors["teacher_logits_0"]).abs().max().item()

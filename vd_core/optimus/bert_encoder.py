@@ -42,7 +42,8 @@ class BertEncoderConfig:
             raise VDInputError(f"BERT width {self.hidden_size} is not divisible by num_heads={self.num_heads}")
 
     @classmethod
-    def from_state_dict(cls, state: Mapping[str, torch.Tensor], num_heads: int = RELEASE_BERT_HEADS) -> "BertEncoderConfig":
+    def from_state_dict(cls, state: Mapping[str, torch.Tensor],
+                        num_heads: int = RELEASE_BERT_HEADS) -> "BertEncoderConfig":
         """Sizes from the shapes of an encoder state dict (keys without the ``encoder.`` prefix).
 
         Raises:

@@ -49,7 +49,8 @@ class GPT2DecoderConfig:
             raise VDInputError(f"GPT-2 width {self.hidden_size} is not divisible by num_heads={self.num_heads}")
 
     @classmethod
-    def from_state_dict(cls, state: Mapping[str, torch.Tensor], num_heads: int = RELEASE_GPT2_HEADS) -> "GPT2DecoderConfig":
+    def from_state_dict(cls, state: Mapping[str, torch.Tensor],
+                        num_heads: int = RELEASE_GPT2_HEADS) -> "GPT2DecoderConfig":
         """Sizes from the shapes of a decoder state dict (keys without the ``decoder.`` prefix).
 
         Raises:

@@ -144,8 +144,9 @@ def load_optimus(path: str | os.PathLike, tokenizer_dir: str | os.PathLike | Non
 
     Sizes come from the tensor shapes; the attention heads of the encoder (``bert_heads``) and
     of the decoder (``gpt2_heads``), 12 each in the release, are in no file. They only change
-    how each half splits its attention, so a model whose halves differ needs both. The causal-mask buffers are ignored when present; either of the tied
-    ``decoder.lm_head.weight`` / ``decoder.transformer.wte.weight`` may be missing. Tokenizers
+    how each half splits its attention, so a model whose halves differ needs both. The
+    causal-mask buffers are ignored when present; either of the tied ``decoder.lm_head.weight`` /
+    ``decoder.transformer.wte.weight`` may be missing. Tokenizers
     are looked up as described in :mod:`.tokenizers` (``tokenizer_dir``, then beside ``path``,
     then the local Hugging Face cache).
 
