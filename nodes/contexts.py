@@ -120,9 +120,24 @@ def _clip_vision_encoder(clip_vision) -> ManagedModule:
     """
     managed = _CLIP_VISION_ENCODERS.get(clip_vision)
     if managed is None:
-        encoder = CLIPContextEncoder.from_state_dict(clip_vision.get_sd(), device=bridge.offload_device())
+        encoder = CLIPContextEncoder.from_state_dict(clip_vision.get_sd(), clip_vision_config(clip_vision),
+                                                     device=bridge.offload_device())
         managed = _CLIP_VISION_ENCODERS[clip_vision] = ManagedModule(encoder, "VD_CLIP_vision_from_CLIP_VISION")
     return managed
+
+
+def clip_vision_config(clip_vision) -> dict | None:
+    """The head count of a core ``CLIP_VISION`` as a ``CLIPConfig``-style dict, or None.
+
+    No file stores the heads; ComfyUI's ``ClipVisionModel`` built its encoder from its own json, so
+    its attention layers know them (``model.vision_model.encoder.layers[i].self_attn.heads``).
+    Without that, the encoder takes 64-wide heads, which is right for ViT-L/14 (1024 wide, 16 heads).
+    """
+    try:
+        heads = clip_vision.model.vision_model.encoder.layers[0].self_attn.heads
+    except (AttributeError, IndexError, TypeError):
+        return None
+    return {"vision_config": {"num_attention_heads": int(heads)}}
 
 
 class VDDualContextMixer:

@@ -14,7 +14,7 @@ import torch
 from PIL import Image
 from safetensors.torch import save_file
 
-from conftest import assert_close_ref, load_tensors
+from conftest import assert_close_ref, load_tensors, release_config
 from vd_core.clip_context import CLIPContextEncoder
 from vd_core.clip_loading import load_clip
 from vd_core.clip_preprocess import CLIPImagePreprocessing, mask_token_weights, resize_and_crop, to_uint8
@@ -77,9 +77,10 @@ def release_expected(release_dir):
 
 @pytest.fixture(scope="module")
 def release_images(release_dir):
-    """image_0.png (64×64) and image_1.png (80×112) as (1, 3, H, W) floats in [0, 1]."""
+    """image_0.png (square) and image_1.png (not square) as (1, 3, H, W) floats in [0, 1]."""
     images = []
-    for i in range(2):
+    count = len(load_tensors(release_dir / "expected" / "clip.safetensors")["image_ctx"])
+    for i in range(count):
         pixels = np.asarray(Image.open(release_dir / "expected" / f"image_{i}.png").convert("RGB"))
         images.append(torch.from_numpy(pixels.copy()).permute(2, 0, 1)[None].float() / 255)
     return images
@@ -116,8 +117,9 @@ def test_image_context_matches_official(tiny_clip, tiny_inputs, tiny_expected, p
     assert assert_close_ref(tiny_clip.encode_image(tiny_inputs[pixels]), tiny_expected[key], REL, key) < 1e-5
 
 
-def test_black_image_context(tiny_clip, tiny_expected):
-    assert_close_ref(tiny_clip.encode_image(torch.zeros(1, 3, 64, 64)), tiny_expected["image_ctx_black"], REL, "black")
+def test_black_image_context(tiny_clip, tiny_inputs, tiny_expected):
+    black = torch.zeros_like(tiny_inputs["pixels_sq"][:1])
+    assert_close_ref(tiny_clip.encode_image(black), tiny_expected["image_ctx_black"], REL, "black")
 
 
 def test_masked_image_context_matches_official(tiny_clip, tiny_inputs, tiny_expected):
@@ -127,11 +129,13 @@ def test_masked_image_context_matches_official(tiny_clip, tiny_inputs, tiny_expe
 
 
 def test_all_ones_mask_is_the_unmasked_path(tiny_clip, tiny_inputs, tiny_expected):
-    ones = tiny_clip.encode_image(tiny_inputs["pixels_sq"], torch.ones(2, 1, 64, 64))
+    ones = tiny_clip.encode_image(tiny_inputs["pixels_sq"], torch.ones_like(tiny_inputs["mask_sq"]))
     assert torch.equal(ones, tiny_clip.encode_image(tiny_inputs["pixels_sq"]))
     assert_close_ref(ones, tiny_expected["image_ctx_mask_all_ones"], REL, "all-ones mask")
-    # A mask of another size than the image is resized (here: all ones at 32×32 → still unmasked).
-    assert torch.equal(tiny_clip.encode_image(tiny_inputs["pixels_sq"], torch.ones(1, 1, 32, 32)), ones)
+    # A mask of another size than the image is resized (here: all ones at half size → still unmasked).
+    height, width = tiny_inputs["pixels_sq"].shape[-2:]
+    half = torch.ones(1, 1, max(1, height // 2), max(1, width // 2))
+    assert torch.equal(tiny_clip.encode_image(tiny_inputs["pixels_sq"], half), ones)
 
 
 def test_one_mask_broadcasts_to_the_batch(tiny_clip, tiny_inputs, tiny_expected):
@@ -169,12 +173,22 @@ def test_half_precision(tiny_dir, tiny_clip_config, tiny_inputs, tiny_expected, 
 # ---------------------------------------------------------------------- tiny_release/: real folder layout
 
 
-def test_release_tokenizer_ids(release_clip, release_expected, caplog):
+@pytest.fixture(scope="module")
+def release_ctx(release_dir) -> dict:
+    """The miniature's CLIP settings (``expected/config.json["tiny"]["ctx"]``): ids, widths, lengths."""
+    return release_config(release_dir)["ctx"]
+
+
+def test_release_tokenizer_ids(release_clip, release_expected, release_ctx, caplog):
     with caplog.at_level(logging.WARNING, logger="vd_core.clip_context"):
         ids = release_clip.tokenize(release_expected["prompts"])
     assert torch.equal(ids, release_expected["text_input_ids"])
-    assert ids[2, -1].item() == 49407  # the truncated third prompt still ends with <|endoftext|>
-    assert "prompt 2 has" in caplog.text and "prompt 0" not in caplog.text
+    eos = release_ctx["tiny_eos_id"]
+    # A prompt cut at the context length ends with <|endoftext|> at the last position and has no padding.
+    truncated = [i for i, row in enumerate(ids.tolist()) if row.count(eos) == 1 and row[-1] == eos]
+    assert truncated, "the fixture's prompts include one long enough to be truncated"
+    for i in range(len(release_expected["prompts"])):
+        assert (f"prompt {i} has" in caplog.text) == (i in truncated), i
     assert torch.equal(release_clip.tokenize([""]), release_expected["text_input_ids_empty"])
 
 
@@ -184,12 +198,12 @@ def test_release_text_context(release_clip, release_expected):
 
 
 def test_release_image_context(release_clip, release_images, release_expected):
-    for i, image in enumerate(release_images):  # image_1 is 80×112: resize to 224×313, crop columns 44…267
+    for i, image in enumerate(release_images):  # image_1 is not square: resized, then centre-cropped
         processed = resize_and_crop(to_uint8(image), release_clip.preprocessing).permute(0, 2, 3, 1)
         assert torch.equal(processed[0], release_expected["image_processed_u8"][i])
         assert_close_ref(release_clip.encode_image(image), release_expected["image_ctx"][i:i + 1], REL, f"image {i}")
-    assert_close_ref(release_clip.encode_image(torch.zeros(1, 3, 64, 64)), release_expected["image_ctx_black"],
-                     REL, "black")
+    black = torch.zeros_like(release_images[0])
+    assert_close_ref(release_clip.encode_image(black), release_expected["image_ctx_black"], REL, "black")
 
 
 def test_release_preprocessor_config_is_read(release_clip_dir):
@@ -221,7 +235,7 @@ def test_vision_only_state_dict(release_state, release_clip_dir, release_images,
         clip.encode_text_ids(torch.zeros(1, 77, dtype=torch.long))
 
 
-def test_single_file_and_towers(release_state, release_clip_dir, release_expected, tmp_path):
+def test_single_file_and_towers(release_state, release_clip_dir, release_expected, release_ctx, tmp_path):
     config = json.loads((release_clip_dir / "config.json").read_text())
     path = tmp_path / "clip.pth"
     torch.save({k: v.half() if v.is_floating_point() else v for k, v in release_state.items()}, path)
@@ -233,9 +247,11 @@ def test_single_file_and_towers(release_state, release_clip_dir, release_expecte
         clip.encode_text(["a cat"])
     with pytest.raises(MissingPartError, match="vision tower"):
         clip.encode_image(torch.zeros(1, 3, 8, 8))
-    # Without config.json heads are 64 wide; these 32/64-wide towers have 4 heads, so ask for a config.
-    with pytest.raises(CheckpointError, match="attention heads"):
-        load_clip(path, tokenizer=None)
+    # Without config.json heads are 64 wide; a tower whose width is no multiple of 64 needs a config.
+    widths = [release_ctx[f"clip_{kind}_config"]["hidden_size"] for kind in ("text", "vision")]
+    if any(width % 64 for width in widths):
+        with pytest.raises(CheckpointError, match="attention heads"):
+            load_clip(path, tokenizer=None)
 
 
 def test_folder_with_pytorch_model_bin(release_state, release_clip_dir, release_expected, tmp_path):
@@ -302,7 +318,7 @@ def test_image_input_variants(tiny_clip, tiny_inputs):
     rgb = tiny_inputs["pixels_sq"][:1]
     reference = tiny_clip.encode_image(rgb)
     assert torch.equal(tiny_clip.encode_image(rgb[0]), reference)  # (3, H, W) gets a batch dim
-    rgba = torch.cat([rgb, torch.rand(1, 1, 64, 64)], dim=1)
+    rgba = torch.cat([rgb, torch.rand_like(rgb[:, :1])], dim=1)
     assert torch.equal(tiny_clip.encode_image(rgba), reference)  # alpha dropped, not composited
     grey = rgb[:, :1]
     assert torch.equal(tiny_clip.encode_image(grey), tiny_clip.encode_image(grey.expand(-1, 3, -1, -1)))
@@ -322,22 +338,27 @@ def test_bad_images(tiny_clip, images, message):
         tiny_clip.encode_image(images)
 
 
-@pytest.mark.parametrize("masks, message", [
-    (torch.ones(3, 1, 64, 64) * 0.5, "3 masks for 2 images"),
-    (torch.ones(2, 1, 64, 64, dtype=torch.uint8), "dtype"),
-    (torch.ones(2, 2, 64, 64), r"\(B, 1, H, W\)"),
-])
-def test_bad_masks(tiny_clip, tiny_inputs, masks, message):
+@pytest.mark.parametrize("bad", ["one more mask than images", "dtype", "channels"])
+def test_bad_masks(tiny_clip, tiny_inputs, bad):
+    pixels = tiny_inputs["pixels_sq"]
+    batch, _, height, width = pixels.shape
+    masks, message = {
+        "one more mask than images": (torch.ones(batch + 1, 1, height, width) * 0.5,
+                                      f"{batch + 1} masks for {batch} images"),
+        "dtype": (torch.ones(batch, 1, height, width, dtype=torch.uint8), "dtype"),
+        "channels": (torch.ones(batch, 2, height, width), r"\(B, 1, H, W\)"),
+    }[bad]
     with pytest.raises(VDInputError, match=message):
-        tiny_clip.encode_image(tiny_inputs["pixels_sq"], masks)
+        tiny_clip.encode_image(pixels, masks)
 
 
-def test_bad_prompts_and_ids(release_clip):
+def test_bad_prompts_and_ids(release_clip, release_ctx):
     for prompts in ([], [1, 2], [None]):
         with pytest.raises(VDInputError, match="list of strings"):
             release_clip.encode_text(prompts)
-    for ids, message in ((torch.zeros(1, 77), "integer"), (torch.zeros(1, 76, dtype=torch.long), "shape"),
-                         (torch.full((1, 77), 49408), r"\[0, 49408\)")):
+    length, vocab = release_ctx["max_length"], release_ctx["clip_text_config"]["vocab_size"]
+    for ids, message in ((torch.zeros(1, length), "integer"), (torch.zeros(1, length - 1, dtype=torch.long), "shape"),
+                         (torch.full((1, length), vocab), rf"\[0, {vocab}\)")):
         with pytest.raises(VDInputError, match=message):
             release_clip.encode_text_ids(ids)
 
@@ -345,11 +366,11 @@ def test_bad_prompts_and_ids(release_clip):
 # ---------------------------------------------------------------------------------------- tokenizer
 
 
-def test_tokenizer_search_order(release_clip_dir, release_expected, tmp_path):
+def test_tokenizer_search_order(release_clip_dir, release_expected, release_ctx, tmp_path):
     tokenizer = load_clip_tokenizer([None, tmp_path, release_clip_dir])
     ids = tokenizer(release_expected["prompts"][0])["input_ids"]
     assert ids == release_expected["text_input_ids"][0, :len(ids)].tolist()
-    assert tokenizer.pad_token_id == tokenizer.eos_token_id == 49407
+    assert tokenizer.pad_token_id == tokenizer.eos_token_id == release_ctx["tiny_eos_id"]
 
 
 def test_tokenizer_not_found(tmp_path, release_state):
@@ -378,5 +399,7 @@ def test_tokenizer_from_hf_cache(release_clip_dir, release_expected, offline_emp
     (snapshot.parent.parent / "refs").mkdir()
     (snapshot.parent.parent / "refs" / "main").write_text("abc123")
     tokenizer = load_clip_tokenizer([tmp_path])
-    # "a red car" are the first three words of prompt 0 (tokens: BOS, a, red, car, …).
-    assert tokenizer("a red car")["input_ids"] == release_expected["text_input_ids"][0, :4].tolist() + [49407]
+    # Prompt 0's first three BPE tokens after BOS (clip.json), tokenised alone.
+    words = " ".join(token.removesuffix("</w>") for token in release_expected["tokens"][0][1:4])
+    expected = release_expected["text_input_ids"][0, :4].tolist() + [tokenizer.eos_token_id]
+    assert tokenizer(words)["input_ids"] == expected

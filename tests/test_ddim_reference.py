@@ -20,7 +20,7 @@ import json
 import pytest
 import torch
 
-from conftest import assert_close_ref, load_tensors, reference_dir
+from conftest import assert_close_ref, dual_ratios, guidance_of, load_tensors, optimus_heads, reference_dir
 from vd_core.clip_loading import load_clip
 from vd_core.contexts import GuidedContext
 from vd_core.diffuser import load_diffuser
@@ -73,7 +73,7 @@ def tiny_models(tiny_dir, tiny_config, release_dir) -> VDModels:
         optimus=load_optimus(
             weights,
             tokenizer_dir=release_dir / "optimus_tokenizers",  # the real vocabularies the tiny model uses
-            num_heads=tiny_config["vae_text"]["gpt2"]["config"]["n_head"],
+            **optimus_heads(tiny_config),
         ),
     )
 
@@ -88,19 +88,25 @@ def ddim_contexts(tiny_dir) -> dict:
 _DDIM_JSON = reference_dir() / "tiny" / "ddim.json"
 DDIM_CASES = json.loads(_DDIM_JSON.read_text()) if _DDIM_JSON.is_file() else {}
 CASE_NAMES = sorted(name for name, case in DDIM_CASES.items() if "steps" in case)
+_CONFIG_JSON = reference_dir() / "tiny" / "config.json"
+# The generator's DDIM cases use the WebUI's guidance unless their description says otherwise.
+DEFAULT_SCALE = json.loads(_CONFIG_JSON.read_text())["tiny"]["app"]["scale_imgto"] if _CONFIG_JSON.is_file() else None
 
 
 def case_contexts(name: str, c: dict) -> tuple[str, list[GuidedContext]]:
     """The data kind and guided contexts of one official DDIM case (``ddim.json`` descriptions)."""
     zeros = torch.zeros_like(c["image_c"])
+    if name.startswith("dual"):
+        text_ratio, image_ratio = dual_ratios(DDIM_CASES[name]["description"])
     if name.startswith("t2i") or name.startswith("t2t"):
         contexts = [GuidedContext("text", c["text_c"], c["text_u"])]
     elif name.startswith("i2i"):
         contexts = [GuidedContext("image", c["image_c"], zeros)]
     elif name.startswith("i2t"):
         contexts = [GuidedContext("image", c["image_c"], zeros, text_flow_uncond=c["image_u_black"])]
-    else:  # dual: text 0.3 + image 0.7
-        contexts = [GuidedContext("text", c["text_c"], c["text_u"], 0.3), GuidedContext("image", c["image_c"], zeros, 0.7)]
+    else:  # dual: the text and image ratios its description gives
+        contexts = [GuidedContext("text", c["text_c"], c["text_u"], text_ratio),
+                    GuidedContext("image", c["image_c"], zeros, image_ratio)]
     return ("text" if "2t" in name else "image"), contexts
 
 
@@ -122,7 +128,7 @@ def test_ddim_trajectory(name, tiny_dir, tiny_models, ddim_contexts):
     kind, contexts = case_contexts(name, ddim_contexts)
     record = Recorder()
     options = SamplingOptions(
-        steps=case["steps"], eta=case["eta"], guidance=1.0 if "scale1" in name else 7.5, callback=record
+        steps=case["steps"], eta=case["eta"], guidance=guidance_of(case, DEFAULT_SCALE), callback=record
     )
     noise = BatchNoise(case["torch_seed"])
     n = case["shape"][0]
@@ -151,25 +157,46 @@ def test_ddim_text_decode_continues_the_generator(name, tiny_dir, tiny_models, d
     case = DDIM_CASES[name]
     _, contexts = case_contexts(name, ddim_contexts)
     noise = BatchNoise(case["torch_seed"])
-    options = SamplingOptions(steps=case["steps"], eta=case["eta"])
+    options = SamplingOptions(steps=case["steps"], eta=case["eta"], guidance=guidance_of(case, DEFAULT_SCALE))
     latents = sample_text(tiny_models.diffuser, contexts, n=case["shape"][0], options=options, noise=noise)
     expected = DDIM_CASES["decoded_text"][name]
     assert decode_texts(tiny_models.optimus, latents, noise, clean_up=False) == expected["raw"]
 
 
 # ---------------------------------------------------------------------------------------------
-# The WebUI methods (tiny/app.json): 64×64 output, 50 steps, 2 images / 4 texts, user seeds.
+# The WebUI methods (tiny/app.json) at the WebUI values of config.json["tiny"]["app"]: output size,
+# steps, guidance, images / texts per call; the user seeds of app.json.
+
+
+class WebUI:
+    """The fixture's WebUI calls: ``flows`` (app.json), ``tensors`` (app.safetensors), ``settings``."""
+
+    def __init__(self, tiny_dir, tiny_inputs, settings: dict):
+        self.flows = json.loads((tiny_dir / "app.json").read_text())["flows"]
+        self.tensors = load_tensors(tiny_dir / "app.safetensors")
+        self.settings = settings
+        self.height, self.width = settings["output_dim"]  # the WebUI's `h, w = self.output_dim`
+        self.n_images, self.n_texts = settings["n_sample_image"], settings["n_sample_text"]
+        self._inputs = tiny_inputs
+
+    def image(self, name: str) -> torch.Tensor:
+        """``"inputs.app_img0_u8"`` (H, W, 3) uint8 → (1, 3, H, W) in [0, 1]."""
+        return self._inputs[name.split(".", 1)[1]].permute(2, 0, 1)[None].float() / 255
+
+    def size(self) -> dict:
+        return {"width": self.width, "height": self.height}
+
+    def options(self, flow: dict, text_share: float = 0.0, callback=None) -> SamplingOptions:
+        """The call's settings; guidance ``scale_imgto·(1−τ) + scale_textto·τ`` as the WebUI computes it
+        (τ = 1 for a text context, 0 for an image context, the text strength when mixed)."""
+        scale = self.settings["scale_imgto"] * (1 - text_share) + self.settings["scale_textto"] * text_share
+        return SamplingOptions(steps=flow.get("ddim_steps", self.settings["ddim_steps"]), eta=self.settings["ddim_eta"],
+                               guidance=scale, seed=flow["args"][-1], callback=callback)
 
 
 @pytest.fixture(scope="module")
-def app(tiny_dir, tiny_inputs):
-    flows = json.loads((tiny_dir / "app.json").read_text())["flows"]
-    tensors = load_tensors(tiny_dir / "app.safetensors")
-
-    def image(name: str) -> torch.Tensor:  # "inputs.app_img0_u8" → (1, 3, 64, 64) in [0, 1]
-        return tiny_inputs[name.split(".", 1)[1]].permute(2, 0, 1)[None].float() / 255
-
-    return flows, tensors, image
+def app(tiny_dir, tiny_inputs, tiny_config) -> WebUI:
+    return WebUI(tiny_dir, tiny_inputs, tiny_config["app"])
 
 
 def check_webui_images(result, tensors, key):
@@ -180,55 +207,49 @@ def check_webui_images(result, tensors, key):
     assert offset.min() >= -0.02 and offset.max() <= 1.02, f"{key}: images off by [{offset.min()}, {offset.max()}] levels"
 
 
-def webui_options(flow: dict, callback=None) -> SamplingOptions:
-    return SamplingOptions(steps=flow.get("ddim_steps", 50), seed=flow["args"][-1], callback=callback)
-
-
 def test_webui_text_to_image(tiny_models, app):
-    flows, tensors, _ = app
-    flow = flows["t2i"]
-    result = text_to_image(tiny_models, flow["args"][0], width=64, height=64, n=2, options=webui_options(flow))
-    check_webui_images(result, tensors, "t2i")
-    assert_close_ref(result.images, tensors["t2i/vae_decode"], 1e-4, "t2i images")  # measured 2.6e-6
+    flow = app.flows["t2i"]
+    result = text_to_image(tiny_models, flow["args"][0], n=app.n_images, options=app.options(flow, 1.0), **app.size())
+    check_webui_images(result, app.tensors, "t2i")
+    assert_close_ref(result.images, app.tensors["t2i/vae_decode"], 1e-4, "t2i images")  # measured 2.6e-6
 
 
 @pytest.mark.parametrize("key", ["i2i_default", "i2i_semantic_simplecolor", "i2i_fid0p5_style", "i2i_fid1"])
 def test_webui_image_variation(key, tiny_models, app):
-    flows, tensors, image = app
-    flow = flows[key]
+    flow = app.flows[key]
     picture, fidelity, focus, color, _ = flow["args"]
-    result = image_variation(tiny_models, image(picture), n=2, fidelity=fidelity, focus=focus, color_adjust=color,
-                             width=64, height=64, options=webui_options(flow))
+    result = image_variation(tiny_models, app.image(picture), n=app.n_images, fidelity=fidelity, focus=focus,
+                             color_adjust=color, options=app.options(flow), **app.size())
     if key == "i2i_fid1":  # the WebUI returns the (resized) input itself
-        assert torch.equal((result.images.permute(0, 2, 3, 1) * 255).round().to(torch.uint8), tensors[f"{key}/images_u8"])
+        expected = app.tensors[f"{key}/images_u8"]
+        assert torch.equal((result.images.permute(0, 2, 3, 1) * 255).round().to(torch.uint8), expected)
         return
-    check_webui_images(result, tensors, key)
+    check_webui_images(result, app.tensors, key)
 
 
 @pytest.mark.parametrize("key", ["i2t", "t2t"])
 def test_webui_text_flows(key, tiny_models, app):
-    flows, tensors, image = app
-    flow = flows[key]
+    flow = app.flows[key]
     record = Recorder()
-    options = webui_options(flow, record)
     if key == "i2t":
-        texts = image_to_text(tiny_models, image(flow["args"][0]), n=4, options=options)
+        options = app.options(flow, 0.0, record)
+        texts = image_to_text(tiny_models, app.image(flow["args"][0]), n=app.n_texts, options=options)
     else:
-        texts = text_variation(tiny_models, flow["args"][0], n=4, options=options)
-    assert_close_ref(record.x[-1], tensors[f"{key}/x_final"], TEXT_TOL, f"{key} x_final")
+        options = app.options(flow, 1.0, record)
+        texts = text_variation(tiny_models, flow["args"][0], n=app.n_texts, options=options)
+    assert_close_ref(record.x[-1], app.tensors[f"{key}/x_final"], TEXT_TOL, f"{key} x_final")
     # The sampled tokens continue the run's generator: with float32 logits this close the
     # multinomial draws come out identical, so the WebUI's strings are reproduced exactly.
     assert texts == flow["output"].split("\n")
 
 
 def test_webui_dual_context(tiny_models, app):
-    flows, tensors, image = app
     for key in ("dcg", "dcg_textstrength0"):
-        flow = flows[key]
+        flow = app.flows[key]
         picture, focus, prompt, strength, _ = flow["args"]
-        result = dual_context(tiny_models, prompt, image(picture), text_strength=strength, focus=focus, n=2,
-                              width=64, height=64, options=webui_options(flow))
-        check_webui_images(result, tensors, key)
+        result = dual_context(tiny_models, prompt, app.image(picture), text_strength=strength, focus=focus,
+                              n=app.n_images, options=app.options(flow, strength if prompt else 0.0), **app.size())
+        check_webui_images(result, app.tensors, key)
 
 
 def slots_from_webui(args: list, image) -> list[ImageSlot]:
@@ -248,12 +269,11 @@ def slots_from_webui(args: list, image) -> list[ImageSlot]:
 
 @pytest.mark.parametrize("key", ["tcg_masked", "mcg_three_images"])
 def test_webui_multi_context(key, tiny_models, app):
-    flows, tensors, image = app
-    flow = flows[key]
+    flow = app.flows[key]
     args = flow["args"]
     if key == "tcg_masked":  # Triple-Context = Multi-Context with slots 3–4 empty
         args = args[:10] + [None, None, None, None, None] * 2 + args[10:]
     prompt, strength = args[-3], args[-2]
-    result = multi_context(tiny_models, prompt, slots_from_webui(args, image), text_strength=strength, n=2,
-                           width=64, height=64, options=webui_options(flow))
-    check_webui_images(result, tensors, key)
+    result = multi_context(tiny_models, prompt, slots_from_webui(args, app.image), text_strength=strength,
+                           n=app.n_images, options=app.options(flow, strength if prompt else 0.0), **app.size())
+    check_webui_images(result, app.tensors, key)

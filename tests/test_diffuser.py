@@ -6,7 +6,7 @@ import json
 
 import pytest
 import torch
-from conftest import APPLY_MODEL_CASES, assert_close_ref, contexts_for, load_tensors
+from conftest import APPLY_MODEL_CASES, assert_close_ref, contexts_for, half_precision_rel, load_tensors
 
 from vd_core.diffuser import ContextInput, DiffuserConfig, DiffuserParts, FourFlowDiffuser
 from vd_core.diffuser.layout import execution_order
@@ -17,9 +17,11 @@ from vd_core.errors import MissingPartError, VDInputError
 def test_timestep_embedding_matches_official(tiny_dir, tiny_config, tiny_model):
     ref = load_tensors(tiny_dir / "timestep_embedding.safetensors")
     width = tiny_config["diffuser_image"]["model_channels"]
-    assert_close_ref(timestep_embedding(ref["t"], width), ref["sinusoid_32"], 1e-5, "sinusoid_32")
-    assert_close_ref(timestep_embedding(ref["t"], 320), ref["sinusoid_320"], 1e-5, "sinusoid_320")
-    assert_close_ref(tiny_model.image.time_embed(ref["sinusoid_32"]), ref["emb"], 1e-4, "time_embed")
+    widths = sorted(int(key.removeprefix("sinusoid_")) for key in ref if key.startswith("sinusoid_"))
+    assert width in widths  # the tiny model's own width, besides the full-size one
+    for w in widths:
+        assert_close_ref(timestep_embedding(ref["t"], w), ref[f"sinusoid_{w}"], 1e-5, f"sinusoid_{w}")
+    assert_close_ref(tiny_model.image.time_embed(ref[f"sinusoid_{width}"]), ref["emb"], 1e-4, "time_embed")
 
 
 @pytest.mark.parametrize("name", sorted(APPLY_MODEL_CASES))
@@ -99,15 +101,15 @@ def test_zero_ratio_context_leaves_single_context_result(tiny_dir, tiny_model, t
     assert_close_ref(tiny_model(tiny_inputs["x_text"], tiny_inputs["t_pair"], contexts), expected, 1e-4, "ratio 0")
 
 
-@pytest.mark.parametrize(("dtype", "rel"), [(torch.float16, 1e-2), (torch.bfloat16, 8e-2)])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("name", ["eps_image_textctx", "eps_text_imagectx", "eps_image_mc_text0p3_image0p7"])
-def test_half_precision_forward_is_close_to_float32(name, dtype, rel, tiny_dir, tiny_state, tiny_model, tiny_inputs):
-    """SPEC §9 / README: float16 moves a single forward by ≈1e-3–5e-3 relative; bfloat16 has 8
-    fewer mantissa bits. The timestep embedding is cast to the data dtype (official)."""
+def test_half_precision_forward_is_close_to_float32(name, dtype, tiny_dir, tiny_state, tiny_model, tiny_inputs):
+    """The timestep embedding is cast to the data dtype (official); norms and softmax are not upcast."""
     expected = load_tensors(tiny_dir / "apply_model.safetensors")[name]
     model = FourFlowDiffuser(tiny_model.config).to(dtype)
     model.load_state_dict(tiny_state)
     data, spec = APPLY_MODEL_CASES[name]
+    rel = half_precision_rel(dtype, data)
     with torch.no_grad():
         eps = model(tiny_inputs[data].to(dtype), tiny_inputs["t_pair"], contexts_for(spec, tiny_inputs))
     assert eps.dtype == dtype and torch.isfinite(eps).all()
@@ -143,7 +145,8 @@ def test_bad_inputs_raise(tiny_model, tiny_inputs):
         tiny_model(x[:, :, 0], t, contexts_for([("text", 1.0)], tiny_inputs))
     with pytest.raises(VDInputError, match="image latents have shape"):  # odd sides are fine, channels are not
         tiny_model(x[:, :-1], t, contexts_for([("text", 1.0)], tiny_inputs))
-    with pytest.raises(VDInputError, match="width 47"):
+    width = tiny_inputs["x_text"].shape[1] - 1
+    with pytest.raises(VDInputError, match=f"width {width}"):
         tiny_model(tiny_inputs["x_text"][:, :-1], t, contexts_for([("text", 1.0)], tiny_inputs))
     with pytest.raises(VDInputError, match="expected"):
         tiny_model(x, t, [ContextInput("text", tiny_inputs["ctx_text_rand"][..., :-1])])

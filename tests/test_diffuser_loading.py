@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import json
+import re
+
 import pytest
 import torch
-from conftest import assert_close_ref, load_tensors
+from conftest import assert_close_ref, dual_ratios, load_tensors, release_config
 from safetensors.torch import load_file, save_file
 
 from vd_core.checkpoint import strip_prefix
@@ -13,12 +16,12 @@ from vd_core.diffuser import ContextInput, DiffuserConfig, DiffuserParts, load_d
 from vd_core.diffuser.layout import legacy_key_map, legacy_layout, rename_by_prefix
 from vd_core.errors import CheckpointError, MissingPartError
 
-DDIM_CASES = {  # expected/README.md: flow data, [(kind, uncond key, cond key, ratio)]
+DDIM_CASES = {  # expected/README.md: flow data, [(kind, uncond key, cond key, ratio)]; dual: ratios of ddim.json
     "t2i": ("image", [("text", "text_u", "t2i_c", 1.0)]),
     "i2i": ("image", [("image", "image_u_zero", "i2i_c", 1.0)]),
     "i2t": ("text", [("image", "image_u_black", "i2t_c", 1.0)]),
     "t2t": ("text", [("text", "text_u", "t2t_c", 1.0)]),
-    "dual": ("image", [("text", "text_u", "dual_text_c", 0.4), ("image", "image_u_zero", "i2i_c", 0.6)]),
+    "dual": ("image", [("text", "text_u", "dual_text_c", None), ("image", "image_u_zero", "i2i_c", None)]),
 }
 
 
@@ -92,7 +95,8 @@ def test_full_size_config_from_shapes(ref_dir):
 
 @pytest.fixture(scope="module")
 def release_model(release_dir):
-    return load_diffuser(release_dir / "vd-four-flow-v1-0-fp16.pth")  # the release's 8 heads
+    heads = release_config(release_dir)["diffuser_image"]["num_heads"]  # the release's fixed count
+    return load_diffuser(release_dir / "vd-four-flow-v1-0-fp16.pth", num_heads=heads)
 
 
 @pytest.mark.parametrize("case", sorted(DDIM_CASES))
@@ -104,6 +108,9 @@ def test_release_fp16_file_reproduces_first_ddim_step(case, release_dir, release
     ref = load_tensors(release_dir / "expected" / f"ddim_{case}.safetensors")
     contexts = load_tensors(release_dir / "expected" / "ddim_contexts.safetensors")
     data_kind, spec = DDIM_CASES[case]
+    if case == "dual":
+        description = json.loads((release_dir / "expected" / "ddim.json").read_text())[case]["description"]
+        spec = [(kind, u, c, ratio) for (kind, u, c, _), ratio in zip(spec, dual_ratios(description))]
     x = torch.cat([ref["x_init"]] * 2)
     t = torch.full((x.shape[0],), int(ref["timesteps"][0]))
     inputs = [ContextInput(kind, torch.cat([contexts[u], contexts[c]]), r) for kind, u, c, r in spec]
@@ -116,7 +123,8 @@ def write_layout(path, weights: dict, layout: str, dtype=None):
     """Write the tiny diffuser in one of the supported layouts."""
     weights = {k: v.to(dtype or v.dtype) for k, v in weights.items()}
     if layout == "legacy":
-        legacy = legacy_key_map(DiffuserConfig.from_state_dict(strip_prefix(weights, "diffuser."), num_heads=2).layout)
+        config = DiffuserConfig.from_state_dict(strip_prefix(weights, "diffuser."), num_heads=1)  # heads: no key
+        legacy = legacy_key_map(config.layout)
         renamed, unmatched = rename_by_prefix(strip_prefix(weights, "diffuser."), {v: k for k, v in legacy.items()})
         assert not unmatched
         weights = {renamed[k]: v for k, v in strip_prefix(weights, "diffuser.").items()}
@@ -205,11 +213,13 @@ def test_partial_loading_builds_only_the_requested_parts(release_dir, tiny_dir):
     assert {p.dtype for p in model.parameters()} == {torch.float16}
     assert not any(p.requires_grad for p in model.parameters())
     contexts = load_tensors(release_dir / "expected" / "ddim_contexts.safetensors")
-    x, t = torch.zeros(2, 4, 8, 8, dtype=torch.float16), torch.tensor([1, 1])
+    cases = json.loads((release_dir / "expected" / "ddim.json").read_text())
+    x = torch.zeros(cases["t2i"]["shape"], dtype=torch.float16)
+    t = torch.ones(x.shape[0], dtype=torch.long)
     with pytest.raises(MissingPartError, match="image-context"):
         model(x, t, [ContextInput("image", contexts["i2i_c"])])
     with pytest.raises(MissingPartError, match="text data"):
-        model(torch.zeros(2, 48, dtype=torch.float16), t, [ContextInput("text", contexts["t2i_c"])])
+        model(torch.zeros(cases["t2t"]["shape"], dtype=torch.float16), t, [ContextInput("text", contexts["t2i_c"])])
 
 
 def test_image_half_only_file(tmp_path, diffuser_weights, tiny_heads, tiny_inputs, apply_model_ref):
@@ -238,7 +248,7 @@ def _mark(marker):
     open(marker, "w").close()
 
 
-def test_bad_files_raise_checkpoint_errors(tmp_path, release_dir, diffuser_weights):
+def test_bad_files_raise_checkpoint_errors(tmp_path, release_dir, diffuser_weights, tiny_heads):
     sd_like = {
         "model.diffusion_model.input_blocks.0.0.weight": torch.zeros(320, 4, 3, 3),
         "model.diffusion_model.out.2.weight": torch.zeros(4, 320, 3, 3),
@@ -274,7 +284,7 @@ def test_bad_files_raise_checkpoint_errors(tmp_path, release_dir, diffuser_weigh
     (tmp_path / "empty.pth").write_bytes(b"")
     for name in ("truncated.safetensors", "truncated.pth", "empty.pth"):
         with pytest.raises(CheckpointError, match=name):
-            load_diffuser(tmp_path / name, num_heads=2)
+            load_diffuser(tmp_path / name, num_heads=tiny_heads)
 
     marker = tmp_path / "code-ran"
     payload = {"diffuser.image.time_embed.0.weight": torch.zeros(1), "payload": _RunsCode(str(marker))}
@@ -284,22 +294,29 @@ def test_bad_files_raise_checkpoint_errors(tmp_path, release_dir, diffuser_weigh
     assert not marker.exists()
 
 
-@pytest.mark.parametrize(
-    ("edit", "message"),
-    [
-        ("reshape", r"shapes contradict.*text\.context_blocks\.1\.0\.proj_out\.weight"),
-        ("drop", r"missing 1 keys.*image\.data_blocks\.3\.0\.out_layers\.0\.bias"),
-        ("extra", r"unexpected 1 keys.*image\.data_blocks\.3\.0\.extra"),
-    ],
-)
-def test_damaged_diffuser_files(edit, message, tmp_path, diffuser_weights, tiny_heads):
+def _last_key(state: dict, prefix: str, suffix: str) -> str:
+    """The key ``prefix<N>suffix`` with the highest block index N present in ``state``."""
+    keys = [k for k in state if k.startswith(prefix) and k.endswith(suffix) and k[len(prefix):-len(suffix)].isdigit()]
+    assert keys, f"no {prefix}N{suffix} in the fixture"
+    return max(keys, key=lambda k: int(k[len(prefix):-len(suffix)]))
+
+
+@pytest.mark.parametrize("edit", ["reshape", "drop", "extra"])
+def test_damaged_diffuser_files(edit, tmp_path, diffuser_weights, tiny_heads):
     state = dict(diffuser_weights)
+    proj_out = _last_key(state, "diffuser.text.context_blocks.", ".0.proj_out.weight")
+    res_bias = _last_key(state, "diffuser.image.data_blocks.", ".0.out_layers.0.bias")  # a res block's
+    extra = res_bias.replace("out_layers.0.bias", "extra.weight")
     if edit == "reshape":
-        state["diffuser.text.context_blocks.1.0.proj_out.weight"] = torch.zeros(64, 64, 3, 3)
+        width = state[proj_out].shape[0]
+        state[proj_out] = torch.zeros(width, width, 3, 3)  # a 3×3 kernel where the file has 1×1
+        message = r"shapes contradict.*" + re.escape(proj_out.removeprefix("diffuser."))
     elif edit == "drop":
-        del state["diffuser.image.data_blocks.3.0.out_layers.0.bias"]
+        del state[res_bias]
+        message = r"missing 1 keys.*" + re.escape(res_bias.removeprefix("diffuser."))
     else:
-        state["diffuser.image.data_blocks.3.0.extra.weight"] = torch.zeros(2)
+        state[extra] = torch.zeros(2)
+        message = r"unexpected 1 keys.*" + re.escape(extra.removeprefix("diffuser.").removesuffix(".weight"))
     path = write_layout(tmp_path / f"{edit}.safetensors", state, "release")
     with pytest.raises(CheckpointError, match=message):
         load_diffuser(path, num_heads=tiny_heads)

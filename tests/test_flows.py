@@ -18,7 +18,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import assert_close_ref, load_tensors
+from conftest import assert_close_ref, dual_ratios, load_tensors
 from vd_core.contexts import GuidedContext
 from vd_core.errors import Cancelled, CheckpointError, MissingPartError, VDInputError
 from vd_core.flows import (
@@ -65,6 +65,24 @@ def options_for(case: dict, **extra) -> SamplingOptions:
     return SamplingOptions(steps=case["steps"], eta=case["eta"], seed=case["torch_seed"] - 100, **extra)
 
 
+def image_case(case: dict) -> dict:
+    """``n``, ``width`` and ``height`` of an image-flow case from its latent shape (B, 4, h, w)."""
+    n, _, h, w = case["shape"]
+    return {"n": n, "width": 8 * w, "height": 8 * h}
+
+
+def latent_shape(models: VDModels, n: int, width: int, height: int) -> tuple[int, ...]:
+    return (n, models.diffuser.config.in_channels, height // 8, width // 8)
+
+
+def any_size(models: VDModels) -> dict:
+    """An output size of the tests' choosing that this fixture's UNet takes: about 64 px, a multiple
+    of 8 px per level below the first (each level halves the latent)."""
+    step = 8 * 2 ** (len(models.diffuser.config.channel_mult) - 1)
+    side = step * max(1, round(64 / step))
+    return {"width": side, "height": side}
+
+
 class LastX:
     def __call__(self, step, total, x, x0):
         self.x = x
@@ -75,30 +93,33 @@ class LastX:
 
 
 def test_text_to_image_matches_official(models, expected):
-    ref = expected["refs"]["t2i"]
-    result = text_to_image(models, expected["prompts"][0], width=64, height=64, n=2,
-                           options=options_for(expected["cases"]["t2i"]))
-    assert result.images.shape == (2, 3, 64, 64) and result.latents.shape == (2, 4, 8, 8)
+    ref, case = expected["refs"]["t2i"], expected["cases"]["t2i"]
+    size = image_case(case)
+    result = text_to_image(models, expected["prompts"][0], options=options_for(case), **size)
+    assert result.images.shape == (size["n"], 3, size["height"], size["width"])
+    assert result.latents.shape == tuple(case["shape"])
     assert_close_ref(result.latents * LATENT_SCALE, ref["x_final"], IMAGE_TOL, "t2i x_final")
     assert_close_ref(result.images, ref["images"], IMAGE_TOL, "t2i images")
 
 
 def test_image_variation_matches_official(models, expected, release_dir):
     ref = expected["refs"]["i2i"]
-    result = image_variation(models, png(release_dir / "expected" / "image_0.png"), n=2, color_adjust="none",
-                             width=64, height=64, options=options_for(expected["cases"]["i2i"]))
+    case = expected["cases"]["i2i"]
+    result = image_variation(models, png(release_dir / "expected" / "image_0.png"), color_adjust="none",
+                             options=options_for(case), **image_case(case))
     assert_close_ref(result.latents * LATENT_SCALE, ref["x_final"], IMAGE_TOL, "i2i x_final")
     assert_close_ref(result.images, ref["images"], IMAGE_TOL, "i2i images")
 
 
 def test_image_to_text_matches_official(models, expected, release_dir):
-    """image_1 is 80×112: CLIP centre-crops it itself; the flow must not squash it first."""
+    """image_1 is not square: CLIP centre-crops it itself; the flow must not squash it first."""
     case, ref = expected["cases"]["i2t"], expected["refs"]["i2t"]
     last = LastX()
-    texts = image_to_text(models, png(release_dir / "expected" / "image_1.png"), n=2,
+    n = case["shape"][0]
+    texts = image_to_text(models, png(release_dir / "expected" / "image_1.png"), n=n,
                           options=options_for(case, callback=last))
     assert_close_ref(last.x, ref["x_final"], TEXT_TOL, "i2t x_final")
-    assert len(texts) == 2 and all(isinstance(t, str) for t in texts)
+    assert len(texts) == n and all(isinstance(t, str) for t in texts)
     greedy = models.optimus.decode(last.x, greedy=True)
     assert greedy == expected["cases"]["greedy_decoded_text"]["i2t"]
 
@@ -106,51 +127,51 @@ def test_image_to_text_matches_official(models, expected, release_dir):
 def test_text_variation_matches_official(models, expected):
     case, ref = expected["cases"]["t2t"], expected["refs"]["t2t"]
     last = LastX()
-    texts = text_variation(models, expected["prompts"][1], n=2, options=options_for(case, callback=last))
+    texts = text_variation(models, expected["prompts"][1], n=case["shape"][0], options=options_for(case, callback=last))
     assert_close_ref(last.x, ref["x_final"], TEXT_TOL, "t2t x_final")
-    assert len(texts) == 2
+    assert len(texts) == case["shape"][0]
     assert models.optimus.decode(last.x, greedy=True) == expected["cases"]["greedy_decoded_text"]["t2t"]
 
 
 def test_dual_context_matches_official(models, expected, release_dir):
-    ref = expected["refs"]["dual"]
+    ref, case = expected["refs"]["dual"], expected["cases"]["dual"]
+    text_ratio, _ = dual_ratios(case["description"])
     result = dual_context(models, expected["prompts"][2], png(release_dir / "expected" / "image_0.png"),
-                          text_strength=0.4, n=2, width=64, height=64, options=options_for(expected["cases"]["dual"]))
+                          text_strength=text_ratio, options=options_for(case), **image_case(case))
     assert_close_ref(result.latents * LATENT_SCALE, ref["x_final"], IMAGE_TOL, "dual x_final")
     assert_close_ref(result.images, ref["images"], IMAGE_TOL, "dual images")
 
 
 def test_multi_context_with_one_slot_is_dual_context(models, expected, release_dir):
     """One unmasked slot of weight 1 is the dual-context case of the fixture."""
-    ref = expected["refs"]["dual"]
+    ref, case = expected["refs"]["dual"], expected["cases"]["dual"]
     slot = ImageSlot(png(release_dir / "expected" / "image_0.png"))
-    result = multi_context(models, expected["prompts"][2], [slot], text_strength=0.4, n=2, width=64, height=64,
-                           options=options_for(expected["cases"]["dual"]))
+    result = multi_context(models, expected["prompts"][2], [slot], text_strength=dual_ratios(case["description"])[0],
+                           options=options_for(case), **image_case(case))
     assert_close_ref(result.latents * LATENT_SCALE, ref["x_final"], IMAGE_TOL, "multi x_final")
 
 
 def test_multi_context_masks_weights_and_several_images(models, release_dir):
     image_0 = png(release_dir / "expected" / "image_0.png")
-    image_1 = png(release_dir / "expected" / "image_1.png")  # 80×112: resized to the output size
-    mask = torch.ones(1, 1, 64, 64)
-    mask[..., 32:] = 0
+    image_1 = png(release_dir / "expected" / "image_1.png")  # another size: resized to the output size
+    mask = torch.ones(1, 1, *image_0.shape[-2:])
+    mask[..., image_0.shape[-1] // 2 :] = 0  # right half removed
     options = SamplingOptions(steps=4, seed=5)
     slots = [ImageSlot(image_0, mask, weight=0.8, focus=0.3), ImageSlot(image_1, weight=0.5, focus=0.9)]
-    result = multi_context(models, "", slots, n=2, width=64, height=64, options=options)
-    plain = multi_context(models, "", [ImageSlot(image_0), ImageSlot(image_1)], n=2, width=64, height=64,
-                          options=options)
-    assert result.images.shape == (2, 3, 64, 64)
+    size = any_size(models)
+    result = multi_context(models, "", slots, n=2, options=options, **size)
+    plain = multi_context(models, "", [ImageSlot(image_0), ImageSlot(image_1)], n=2, options=options, **size)
+    assert result.images.shape == (2, 3, size["height"], size["width"])
     assert not torch.allclose(result.latents, plain.latents)
 
 
 def test_edit_image_with_text_runs_and_is_deterministic(models, release_dir):
     image = png(release_dir / "expected" / "image_0.png")
     options = SamplingOptions(steps=4, seed=7)
-    first = edit_image_with_text(models, image, "a tall castle", "a white house", n=2, width=64, height=64,
-                                 options=options)
-    again = edit_image_with_text(models, image, "a tall castle", "a white house", n=2, width=64, height=64,
-                                 options=options)
-    assert first.images.shape == (2, 3, 64, 64)
+    size = any_size(models)
+    first = edit_image_with_text(models, image, "a tall castle", "a white house", n=2, options=options, **size)
+    again = edit_image_with_text(models, image, "a tall castle", "a white house", n=2, options=options, **size)
+    assert first.images.shape == (2, 3, size["height"], size["width"])
     assert torch.equal(first.latents, again.latents)
 
 
@@ -169,23 +190,32 @@ def test_edit_text_latents_removes_the_negative_direction():
 
 
 def test_fidelity_one_returns_the_resized_input(models, release_dir):
-    image = png(release_dir / "expected" / "image_1.png")  # 112×80
-    result = image_variation(models, image, n=2, fidelity=1.0, width=56, height=40)
-    assert result.images.shape == (2, 3, 40, 56) and result.latents.shape == (2, 4, 5, 7)
-    resized = Image.open(release_dir / "expected" / "image_1.png").convert("RGB").resize((56, 40), Image.Resampling.BICUBIC)
+    image = png(release_dir / "expected" / "image_1.png")
+    width, height = 56, 40  # another size than the image's: a real resize
+    result = image_variation(models, image, n=2, fidelity=1.0, width=width, height=height)
+    assert result.images.shape == (2, 3, height, width)
+    assert result.latents.shape == latent_shape(models, 2, width, height)
+    resized = Image.open(release_dir / "expected" / "image_1.png").convert("RGB").resize((width, height),
+                                                                                       Image.Resampling.BICUBIC)
     assert torch.equal((result.images[0].permute(1, 2, 0) * 255).round().byte(), torch.from_numpy(np.asarray(resized).copy()))
 
 
 def test_image_variation_keeps_aspect_ratio_and_handles_image_batches(models, release_dir):
-    image_1 = png(release_dir / "expected" / "image_1.png")  # 112 wide, 80 high
-    assert default_output_size(image_1) == (512, 368)
-    assert resolve_output_size(image_1, 112, None) == (112, 80)
+    image_1 = png(release_dir / "expected" / "image_1.png")  # not square
+    in_height, in_width = image_1.shape[-2:]
+    width, height = default_output_size(image_1)  # the longer side 512, both multiples of 8, same aspect
+    assert max(width, height) == 512 and width % 8 == height % 8 == 0
+    assert (width > height) == (in_width > in_height)
+    assert abs(height - width * in_height / in_width) <= 4
+    width = 8 * (in_width // 8)  # a width given, the height follows the aspect ratio
+    height = resolve_output_size(image_1, width, None)[1]
+    assert height % 8 == 0 and abs(height - width * in_height / in_width) <= 4
     options = SamplingOptions(steps=2, seed=3)
-    result = image_variation(models, image_1, n=1, width=112, fidelity=0.5, focus=0.8, options=options)
-    assert result.images.shape == (1, 3, 80, 112)
+    result = image_variation(models, image_1, n=1, width=width, fidelity=0.5, focus=0.8, options=options)
+    assert result.images.shape == (1, 3, height, width)
     pair = torch.cat([image_1, image_1.flip(-1)])  # one image per result, focus on a batch of 2
-    result = image_variation(models, pair, n=2, width=112, focus=0.2, options=options)
-    assert result.images.shape == (2, 3, 80, 112)
+    result = image_variation(models, pair, n=2, width=width, focus=0.2, options=options)
+    assert result.images.shape == (2, 3, height, width)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -199,7 +229,7 @@ def t2i_contexts(expected, release_dir):
 
 
 def sample(models, contexts, **options):
-    return sample_image(models.diffuser, contexts, width=64, height=64, n=2, options=SamplingOptions(**options))
+    return sample_image(models.diffuser, contexts, n=2, options=SamplingOptions(**options), **any_size(models))
 
 
 @pytest.mark.parametrize("sampler", ["euler", "euler_ancestral", "dpmpp_2m"])
@@ -226,28 +256,29 @@ def test_dpmpp_2m_20_steps_lands_near_ddim_50_steps(models, t2i_contexts):
 def test_per_item_seeds_match_single_runs(models, t2i_contexts):
     """ComfyUI's rule: item i of a batch equals a single run with seed + i."""
     batch = sample(models, t2i_contexts, steps=4, seed=5, per_item_seeds=True)
-    single = sample_image(models.diffuser, t2i_contexts, width=64, height=64, n=1,
+    single = sample_image(models.diffuser, t2i_contexts, **any_size(models), n=1,
                           options=SamplingOptions(steps=4, seed=6, per_item_seeds=True))
     assert_close_ref(batch[1:], single, 1e-5, "item 1 of a per-item batch")
 
 
 @pytest.mark.parametrize("sampler", ["ddim", "euler", "dpmpp_2m"])
 def test_init_latent_and_denoise(models, t2i_contexts, sampler):
-    init = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0))
-    kept = sample_image(models.diffuser, t2i_contexts, width=64, height=64, n=2, init_latent=init, denoise=0.0,
+    size = any_size(models)
+    init = torch.randn(latent_shape(models, 1, **size), generator=torch.Generator().manual_seed(0))
+    kept = sample_image(models.diffuser, t2i_contexts, **size, n=2, init_latent=init, denoise=0.0,
                         options=SamplingOptions(steps=10, sampler=sampler))
     assert torch.allclose(kept, init.expand(2, -1, -1, -1), atol=1e-6)
     steps = []
-    half = sample_image(models.diffuser, t2i_contexts, width=64, height=64, n=2, init_latent=init, denoise=0.5,
+    half = sample_image(models.diffuser, t2i_contexts, **size, n=2, init_latent=init, denoise=0.5,
                         options=SamplingOptions(steps=10, sampler=sampler, callback=lambda s, t, x, x0: steps.append(s)))
-    assert len(steps) == 5 and half.shape == (2, 4, 8, 8)
+    assert len(steps) == 5 and half.shape == latent_shape(models, 2, **size)
 
 
 def test_cancel_stops_between_steps(models, t2i_contexts):
     seen = []
     options = SamplingOptions(steps=10, callback=lambda s, t, x, x0: seen.append(s), cancel=lambda: len(seen) >= 2)
     with pytest.raises(Cancelled):
-        sample_image(models.diffuser, t2i_contexts, width=64, height=64, n=1, options=options)
+        sample_image(models.diffuser, t2i_contexts, **any_size(models), n=1, options=options)
     assert seen == [0, 1]
 
 

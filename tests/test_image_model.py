@@ -13,7 +13,7 @@ import importlib
 import pytest
 import torch
 
-from conftest import assert_close_ref, load_tensors
+from conftest import assert_close_ref
 from node_fixtures import RELEASE_FILES
 
 

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import assert_close_ref, load_tensors
+from conftest import assert_close_ref, dual_ratios, guidance_of, load_tensors, reference_dir
 from vd_core.diffuser import ContextInput
 from vd_core.errors import Cancelled, VDInputError
 from vd_core.samplers import (
@@ -125,34 +125,37 @@ def test_ddim_coefficients_are_the_official_values(tiny_dir, official_schedule, 
     assert schedule.timesteps.shape == (recorded["n_timesteps"],)
 
 
-def _guidance_scale(case_info: dict, tensors: dict) -> float:
-    # README (ddim_<case>): the trajectories use CFG 7.5, except the case recorded without a CFG
-    # batch (a single "eps" per step), whose ddim.json description says "guidance scale 1".
-    if "eps" in tensors:
-        assert "scale 1" in case_info["description"]
-        return 1.0
-    return 7.5
+def _guidance_scale(case_info: dict, tensors: dict, webui_scale: float) -> float:
+    # README (ddim_<case>): the trajectories use the WebUI's CFG scale unless the description names
+    # another; the case recorded without a CFG batch (a single "eps" per step) says "guidance scale 1".
+    scale = guidance_of(case_info, webui_scale)
+    assert ("eps" in tensors) == (scale == 1.0), case_info["description"]
+    return scale
 
 
-CASES = ["t2i_s5_eta0", "t2i_s10_eta0", "t2i_s5_eta0p5", "t2i_s10_scale1", "i2i_s10_eta0",
-         "i2i_fid0p4_s10", "dual_s10", "i2t_s10", "t2t_s10", "t2t_s5_eta1"]
+# Case names are needed at collection time; without the fixtures the list is empty (tests skip).
+_DDIM_JSON = reference_dir() / "tiny" / "ddim.json"
+CASES = sorted(n for n, c in json.loads(_DDIM_JSON.read_text()).items() if "steps" in c) if _DDIM_JSON.is_file() else []
 
 
-def test_every_recorded_case_is_replayed(ddim_cases):
-    assert sorted(CASES) == sorted(ddim_cases)
+def test_the_generator_cases_are_all_there(ddim_cases):
+    # Every kind of flow the README lists is recorded (text→image, variation, fidelity, dual, text flows).
+    assert {name.split("_")[0] for name in ddim_cases} == {"t2i", "i2i", "dual", "i2t", "t2t"}
+    assert any("x0_forward_timesteps" in case for case in ddim_cases.values())
 
 
 @pytest.mark.parametrize("name", CASES)
-def test_ddim_replays_the_official_trajectory(tiny_dir, ddim_cases, name):
+def test_ddim_replays_the_official_trajectory(tiny_dir, tiny_config, ddim_cases, name):
     info = ddim_cases[name]
     case = load_tensors(tiny_dir / f"ddim_{name}.safetensors")
     diffuser = ReplayDiffuser(case)
     batch = case["x_init"].shape[0]
     # Dual context is two context entries; the replayed outputs already contain their mixing.
     kinds = ["text", "image"] if name.startswith("dual") else ["text"]
-    cond = [ContextInput(k, torch.ones(1, 3, 5), r) for k, r in zip(kinds, [0.3, 0.7])]
+    ratios = dual_ratios(info["description"]) if name.startswith("dual") else [1.0]
+    cond = [ContextInput(k, torch.ones(1, 3, 5), r) for k, r in zip(kinds, ratios)]
     uncond = [ContextInput(k, torch.zeros(1, 3, 5)) for k in kinds]
-    eps_model = GuidedEps(diffuser, cond, uncond, _guidance_scale(info, case))
+    eps_model = GuidedEps(diffuser, cond, uncond, _guidance_scale(info, case, tiny_config["app"]["scale_imgto"]))
 
     start_step = 0
     x = case["x_init"]
@@ -184,11 +187,14 @@ def test_ddim_replays_the_official_trajectory(tiny_dir, ddim_cases, name):
             assert torch.equal(c.tokens[batch:], torch.ones(batch, 3, 5))
 
 
-def test_ddim_fp16_runs_in_the_sample_dtype(tiny_dir):
-    case = load_tensors(tiny_dir / "ddim_t2i_s5_eta0p5.safetensors")
-    eps = case["eps_uncond"] + 7.5 * (case["eps_cond"] - case["eps_uncond"])
+def test_ddim_fp16_runs_in_the_sample_dtype(tiny_dir, tiny_config, ddim_cases):
+    # The case with per-step noise mixed in (eta > 0) on the image flow, replayed in float16.
+    name = next(n for n, c in sorted(ddim_cases.items()) if n.startswith("t2i") and c["eta"] > 0)
+    info, case = ddim_cases[name], load_tensors(tiny_dir / f"ddim_{name}.safetensors")
+    scale = _guidance_scale(info, case, tiny_config["app"]["scale_imgto"])
+    eps = case["eps_uncond"] + scale * (case["eps_cond"] - case["eps_uncond"])
     replay = iter(eps)
-    result = sample_ddim(lambda x, t: next(replay).half(), case["x_init"].half(), 5, eta=0.5,
+    result = sample_ddim(lambda x, t: next(replay).half(), case["x_init"].half(), info["steps"], eta=info["eta"],
                          noise=ReplayNoise(case["step_noise"]), alphas_cumprod=alphas_cumprod(torch.float16))
     assert result.dtype == torch.float16
     # SPEC §9: fp16 moves short trajectories by 0.5–2 % relative (here: only the sampler's own

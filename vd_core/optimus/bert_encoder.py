@@ -23,6 +23,9 @@ from ..errors import VDInputError
 _LAYER_KEY = re.compile(r"^encoder\.layer\.(\d+)\.")
 
 
+RELEASE_BERT_HEADS = 12  # the released BERT's attention heads (no file stores them)
+
+
 @dataclass(frozen=True)
 class BertEncoderConfig:
     vocab_size: int  # 28996 in the release
@@ -39,7 +42,8 @@ class BertEncoderConfig:
             raise VDInputError(f"BERT width {self.hidden_size} is not divisible by num_heads={self.num_heads}")
 
     @classmethod
-    def from_state_dict(cls, state: Mapping[str, torch.Tensor], num_heads: int = 12) -> "BertEncoderConfig":
+    def from_state_dict(cls, state: Mapping[str, torch.Tensor],
+                        num_heads: int = RELEASE_BERT_HEADS) -> "BertEncoderConfig":
         """Sizes from the shapes of an encoder state dict (keys without the ``encoder.`` prefix).
 
         Raises:

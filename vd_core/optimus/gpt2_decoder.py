@@ -31,6 +31,9 @@ from ..errors import VDInputError
 _LAYER_KEY = re.compile(r"^transformer\.h\.(\d+)\.")
 
 
+RELEASE_GPT2_HEADS = 12  # the released GPT-2's attention heads (no file stores them)
+
+
 @dataclass(frozen=True)
 class GPT2DecoderConfig:
     vocab_size: int  # 50260 = 50257 BPE tokens + <PAD>, <BOS>, <EOS>
@@ -46,7 +49,8 @@ class GPT2DecoderConfig:
             raise VDInputError(f"GPT-2 width {self.hidden_size} is not divisible by num_heads={self.num_heads}")
 
     @classmethod
-    def from_state_dict(cls, state: Mapping[str, torch.Tensor], num_heads: int = 12) -> "GPT2DecoderConfig":
+    def from_state_dict(cls, state: Mapping[str, torch.Tensor],
+                        num_heads: int = RELEASE_GPT2_HEADS) -> "GPT2DecoderConfig":
         """Sizes from the shapes of a decoder state dict (keys without the ``decoder.`` prefix).
 
         Raises:

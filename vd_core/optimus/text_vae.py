@@ -16,9 +16,9 @@ from torch import nn
 from ..checkpoint import describe_keys, load_exactly, read_state_dict, strip_prefix
 from ..errors import CheckpointError, TokenizerNotFoundError, VDInputError
 from ..validation import check_finite, check_result
-from .bert_encoder import BertEncoderConfig, BertLatentEncoder
+from .bert_encoder import RELEASE_BERT_HEADS, BertEncoderConfig, BertLatentEncoder
 from .decoding import caption_from_ids, generate_token_ids
-from .gpt2_decoder import GPT2DecoderConfig, GPT2LatentDecoder
+from .gpt2_decoder import RELEASE_GPT2_HEADS, GPT2DecoderConfig, GPT2LatentDecoder
 from .tokenizers import OptimusTokenizers, find_optimus_tokenizers
 
 log = logging.getLogger(__name__)
@@ -145,13 +145,16 @@ def _check_vocabularies(tok: OptimusTokenizers, enc: BertEncoderConfig, dec: GPT
         )
 
 
-def load_optimus(path: str | os.PathLike, tokenizer_dir: str | os.PathLike | None = None, num_heads: int = 12,
+def load_optimus(path: str | os.PathLike, tokenizer_dir: str | os.PathLike | None = None, *,
+                 bert_heads: int = RELEASE_BERT_HEADS, gpt2_heads: int = RELEASE_GPT2_HEADS,
                  dtype: torch.dtype | None = None, device: str | torch.device = "cpu") -> OptimusVAE:
     """Load ``optimus-vae.pth`` (keys without prefix) or the ``vae.text.*`` part of an all-in-one VD file.
 
-    Sizes come from the tensor shapes; ``num_heads`` (BERT and GPT-2, 12 in the release) is in
-    no file. The causal-mask buffers are ignored when present; either of the tied
-    ``decoder.lm_head.weight`` / ``decoder.transformer.wte.weight`` may be missing. Tokenizers
+    Sizes come from the tensor shapes; the attention heads of the encoder (``bert_heads``) and
+    of the decoder (``gpt2_heads``), 12 each in the release, are in no file. They only change
+    how each half splits its attention, so a model whose halves differ needs both. The
+    causal-mask buffers are ignored when present; either of the tied ``decoder.lm_head.weight`` /
+    ``decoder.transformer.wte.weight`` may be missing. Tokenizers
     are looked up as described in :mod:`.tokenizers` (``tokenizer_dir``, then beside ``path``,
     then the local Hugging Face cache).
 
@@ -162,8 +165,8 @@ def load_optimus(path: str | os.PathLike, tokenizer_dir: str | os.PathLike | Non
     """
     state = _optimus_state(read_state_dict(path, what="Optimus text VAE file"), path)
     try:
-        enc_config = BertEncoderConfig.from_state_dict(strip_prefix(state, "encoder."), num_heads)
-        dec_config = GPT2DecoderConfig.from_state_dict(strip_prefix(state, "decoder."), num_heads)
+        enc_config = BertEncoderConfig.from_state_dict(strip_prefix(state, "encoder."), bert_heads)
+        dec_config = GPT2DecoderConfig.from_state_dict(strip_prefix(state, "decoder."), gpt2_heads)
     except KeyError as exc:
         key = ("decoder." if exc.args[0].startswith("transformer.") else "encoder.") + exc.args[0]
         raise CheckpointError(
