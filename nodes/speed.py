@@ -43,22 +43,22 @@ class VDSpeedUp:
     CATEGORY = "VersatileDiffusion/loaders"
     SEARCH_ALIASES = ["speed up", "fast", "accelerate", "torch compile", "cuda graphs", "optimize"]
     DESCRIPTION = (
-        "Optional, between the VD Loader's vd_model and the text samplers (Image to Text, Text "
+        "Optional, between the VD Loader's text_model and the text samplers (Image to Text, Text "
         "Variation): replays each diffuser forward from a recorded CUDA graph (one launch instead of "
         "hundreds of small kernels) and/or compiles it with torch.compile. Same texts up to float "
         "rounding. GPU only: on the CPU the diffuser runs unchanged. For the image MODEL use core's "
         "TorchCompileModel."
     )
     RETURN_TYPES = (VD_MODEL,)
-    RETURN_NAMES = ("vd_model",)
-    OUTPUT_TOOLTIPS = ("The same diffuser behind the fast paths; connect it where the loader's vd_model went.",)
+    RETURN_NAMES = ("text_model",)
+    OUTPUT_TOOLTIPS = ("The same diffuser behind the fast paths; connect it where the loader's text_model went.",)
     FUNCTION = "speed_up"
 
     @classmethod
     def INPUT_TYPES(cls):
         return {
             "required": {
-                "vd_model": (VD_MODEL, {"tooltip": "The diffuser from the VD Loader (its vd_model output)."}),
+                "text_model": (VD_MODEL, {"tooltip": "The text-flow diffuser from the VD Loader (its text_model output)."}),
                 "cuda_graphs": ("BOOLEAN", {"default": False, "tooltip": (
                     "Experimental, not yet verified on a GPU: record the diffuser forward once per batch size "
                     "and replay it. Each recording keeps its activation memory until the model is unloaded.")}),
@@ -68,9 +68,9 @@ class VDSpeedUp:
             }
         }
 
-    def speed_up(self, vd_model, cuda_graphs, compile):
+    def speed_up(self, text_model, cuda_graphs, compile):
         with reported_as(self.DISPLAY_NAME):
-            part = require_part(vd_model, self.DISPLAY_NAME, "diffuser", "diffuser", "vd_model")
+            part = require_part(text_model, self.DISPLAY_NAME, "text-flow diffuser", "text_model", "text_model")
             diffuser = part.module.diffuser if isinstance(part.module, AcceleratedDiffuser) else part.module
             on_gpu = bridge.compute_device().type == "cuda"
             if not on_gpu and (cuda_graphs or compile):
@@ -83,4 +83,5 @@ class VDSpeedUp:
                 compile=compile and on_gpu,
                 cache_dir=compile_cache_dir() if compile and on_gpu else None,
             )
-            return (LoadedPart.manage(fast, "VD_text_flow_diffuser", part.file),)
+            # The same weights under the same ModelPatcher: one owner, whatever wraps them.
+            return (LoadedPart(fast, part.managed, part.file),)

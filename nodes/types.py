@@ -62,8 +62,10 @@ class LoadedPart:
         return cls(module, ManagedModule(module, name), file)
 
     def use(self) -> torch.nn.Module:
-        """:attr:`module`, loaded on the compute device by ComfyUI's memory management."""
-        return self.managed.use()
+        """:attr:`module`, its weights loaded on the compute device by ComfyUI's memory management
+        (``module`` may wrap the managed module, as VD Speed Up's does: one owner of the weights)."""
+        self.managed.use()
+        return self.module
 
 
 @dataclass

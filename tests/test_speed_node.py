@@ -23,7 +23,7 @@ def loaded():
     config = diffuser_mod.DiffuserConfig(32, (1,), (1,), (True,), 24, in_channels=4, out_channels=4, num_heads=2)
     torch.manual_seed(0)
     module = diffuser_mod.FourFlowDiffuser(config, diffuser_mod.DiffuserParts.for_flow("image", ["text"])).eval()
-    return LoadedPart(module, pack.nodes.comfy_bridge.managed(module), "vd-four-flow-v1-0-fp16.pth")
+    return LoadedPart.manage(module, "VD_test_diffuser", "vd-four-flow-v1-0-fp16.pth")
 
 
 def _snapshot(module):
@@ -41,7 +41,7 @@ def test_the_input_is_never_changed(device, loaded, monkeypatch):
     monkeypatch.setattr(pack.nodes.comfy_bridge, "compute_device", lambda: torch.device(device))
     before = _snapshot(loaded.module)
     (fast,) = speed.VDSpeedUp().speed_up(loaded, False, False)
-    assert fast is not loaded and fast.module is not loaded.module
+    assert fast is not loaded and fast.module is not loaded.module and fast.managed is loaded.managed  # one owner
     assert fast.module.diffuser is loaded.module and fast.file == loaded.file
     after = _snapshot(loaded.module)
     assert list(after) == list(before)
