@@ -20,7 +20,8 @@ from ..vd_core.acceleration import (
     accelerate_diffuser,
 )
 from . import comfy_bridge as bridge
-from .node_errors import reported_as, require_part
+from .node_errors import reported_as
+from .samplers import require_text_model
 from .types import VD_MODEL, LoadedPart
 
 log = logging.getLogger(__name__)
@@ -70,7 +71,7 @@ class VDSpeedUp:
 
     def speed_up(self, text_model, cuda_graphs, compile):
         with reported_as(self.DISPLAY_NAME):
-            part = require_part(text_model, self.DISPLAY_NAME, "text-flow diffuser", "text_model", "text_model")
+            part = require_text_model(text_model, self.DISPLAY_NAME)
             diffuser = part.module.diffuser if isinstance(part.module, AcceleratedDiffuser) else part.module
             on_gpu = bridge.compute_device().type == "cuda"
             if not on_gpu and (cuda_graphs or compile):
