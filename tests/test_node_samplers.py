@@ -10,14 +10,16 @@ trajectories 1e-3·max|ref| for image flows, 1e-2·max|ref| for text flows).
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 
-from conftest import assert_close_ref
+from conftest import assert_close_ref, dual_ratios, guidance_of
 from node_fixtures import comfy_image, first_context
 
 LATENT_SCALE = 0.18215  # SPEC §6.1: diffusion latents are kl-f8 latents × 0.18215
-DDIM = dict(steps=10, cfg=7.5, sampler="ddim", scheduler="uniform", eta=0.0)  # the fixtures' settings
+DDIM = {}  # the official runs' sampler settings (ddim.json), set by the autouse fixture below
 
 
 @pytest.fixture(autouse=True)
@@ -28,16 +30,31 @@ def inference_mode():
 
 @pytest.fixture(scope="module")
 def contexts(nodes, parts, expected, release_dir):
-    prompts = expected["json"]["clip"]["prompts"]
-    image_node = nodes["VDCLIPImageContext"]
+    """Every prompt and image of the fixture through the VD context nodes."""
+    found = {}
     with torch.inference_mode():
-        return {
-            "prompt0": nodes["VDCLIPTextContext"].encode(parts[2], prompts[0], "")[0],
-            "prompt1": nodes["VDCLIPTextContext"].encode(parts[2], prompts[1], "")[0],
-            "prompt2": nodes["VDCLIPTextContext"].encode(parts[2], prompts[2], "")[0],
-            "image0": image_node.encode(comfy_image(release_dir / "expected" / "image_0.png"), 0.5, 1.0, clip=parts[2])[0],
-            "image1": image_node.encode(comfy_image(release_dir / "expected" / "image_1.png"), 0.5, 1.0, clip=parts[2])[0],
-        }
+        for i, prompt in enumerate(expected["json"]["clip"]["prompts"]):
+            found[f"prompt{i}"] = nodes["VDCLIPTextContext"].encode(parts[2], prompt, "")[0]
+        for path in sorted((release_dir / "expected").glob("image_*.png")):
+            found[path.stem.replace("_", "")] = nodes["VDCLIPImageContext"].encode(comfy_image(path), 0.5, 1.0,
+                                                                                clip=parts[2])[0]
+    return found
+
+
+def case_context(contexts, expected, name: str):
+    """The node context whose tokens are the official run's context ``name`` (ddim_contexts, e.g.
+    ``t2i_c``): which prompt or image a case used is read off the tensors, not assumed."""
+    official = expected["ddim_contexts"][name][:1]
+    best = min(contexts, key=lambda k: (first_context((contexts[k],)).cond - official).abs().max().item()
+               if first_context((contexts[k],)).cond.shape == official.shape else float("inf"))
+    assert_close_ref(first_context((contexts[best],)).cond, official, 1e-4, f"{best} as {name}")
+    return contexts[best]
+
+
+def case_of(expected, case: str) -> dict:
+    """A ddim.json case with its seed, conditional context names and settings."""
+    info = expected["json"]["ddim"][case]
+    return {**info, "cond": re.findall(r"\b(\w+_c)\b", info["description"]), "cfg": guidance_of(info, 7.5)}
 
 
 @pytest.fixture(scope="module")
@@ -47,9 +64,11 @@ def latent_shape(expected):
 
 
 @pytest.fixture(autouse=True)
-def _official_size(latent_shape):
+def _official_settings(latent_shape, expected):
     global WIDTH, HEIGHT
     HEIGHT, WIDTH = latent_shape[1] * 8, latent_shape[2] * 8
+    t2i = case_of(expected, "t2i")
+    DDIM.update(steps=t2i["steps"], cfg=t2i["cfg"], sampler="ddim", scheduler="uniform", eta=t2i["eta"])
 
 
 def _image_latent(nodes, node_id, parts, context, seed, **kw):
@@ -59,10 +78,12 @@ def _image_latent(nodes, node_id, parts, context, seed, **kw):
     return latent
 
 
-def test_text_to_image_matches_official(nodes, parts, contexts, expected):
-    latent = _image_latent(nodes, "VDTextToImage", parts, contexts["prompt0"], 100)
+def test_text_to_image_matches_official(nodes, parts, contexts, expected, latent_shape):
+    case = case_of(expected, "t2i")
+    latent = _image_latent(nodes, "VDTextToImage", parts, case_context(contexts, expected, case["cond"][0]),
+                           case["torch_seed"])
     samples = latent["samples"]
-    assert set(latent) == {"samples"} and samples.shape == (1, *tuple(expected['json']['ddim']['t2i']['shape'][1:]))
+    assert set(latent) == {"samples"} and samples.shape == (1, *latent_shape)
     assert samples.dtype == torch.float32 and samples.device.type == "cpu"
     official = expected["ddim_t2i"]
     assert_close_ref(samples * LATENT_SCALE, official["x_final"][:1], 1e-3, "text→image latent")
@@ -70,25 +91,29 @@ def test_text_to_image_matches_official(nodes, parts, contexts, expected):
 
 
 def test_image_variation_matches_official(nodes, parts, contexts, expected):
-    latent = _image_latent(nodes, "VDImageVariation", parts, contexts["image0"], 101)
+    case = case_of(expected, "i2i")
+    latent = _image_latent(nodes, "VDImageVariation", parts, case_context(contexts, expected, case["cond"][0]),
+                           case["torch_seed"])
     assert_close_ref(latent["samples"] * LATENT_SCALE, expected["ddim_i2i"]["x_final"][:1], 1e-3, "image variation")
 
 
 def test_dual_context_matches_official(nodes, parts, contexts, expected):
-    # The official case: prompt 2 with ratio 0.4 and image 0 with ratio 0.6.
-    (mixed,) = nodes["VDDualContextMixer"].mix(contexts["prompt2"], 0.4, contexts["image0"], 0.6)
-    latent = _image_latent(nodes, "VDTextToImage", parts, mixed, 104)
+    case = case_of(expected, "dual")
+    text_ratio, image_ratio = dual_ratios(case["description"])
+    text, image = (case_context(contexts, expected, name) for name in case["cond"])
+    (mixed,) = nodes["VDDualContextMixer"].mix(text, text_ratio, image, image_ratio)
+    latent = _image_latent(nodes, "VDTextToImage", parts, mixed, case["torch_seed"])
     assert_close_ref(latent["samples"] * LATENT_SCALE, expected["ddim_dual"]["x_final"][:1], 1e-3, "dual context")
 
 
-@pytest.mark.parametrize("node_id, context, seed, case", [
-    ("VDImageToText", "image1", 102, "ddim_i2t"),
-    ("VDTextVariation", "prompt1", 103, "ddim_t2t"),
-])
-def test_text_flows_match_official(nodes, parts, contexts, expected, node_id, context, seed, case):
-    (latents,) = nodes[node_id].sample(parts[1], contexts[context], seed, *DDIM.values(), 1)
+@pytest.mark.parametrize("node_id, case", [("VDImageToText", "i2t"), ("VDTextVariation", "t2t")])
+def test_text_flows_match_official(nodes, parts, contexts, expected, node_id, case):
+    info = case_of(expected, case)
+    settings = (info["steps"], info["cfg"], "ddim", "uniform", info["eta"])
+    context = case_context(contexts, expected, info["cond"][0])
+    (latents,) = nodes[node_id].sample(parts[1], context, info["torch_seed"], *settings, 1)
     assert latents.dtype == torch.float32 and latents.device.type == "cpu"
-    assert_close_ref(latents, expected[case]["x_final"][:1], 1e-2, case)
+    assert_close_ref(latents, expected[f"ddim_{case}"]["x_final"][:1], 1e-2, case)
 
 
 def test_batch_items_use_seed_plus_batch_index(nodes, parts, contexts, latent_shape):
@@ -118,8 +143,9 @@ def test_multi_context_joins_image_slots(nodes, parts, contexts, pack, latent_sh
     joined = join((contexts["image0"], None, contexts["image1"]), contexts["prompt0"], 0.4)
     assert [(c.kind, round(c.ratio, 6)) for c in joined] == [("text", 0.4), ("image", 0.6)]
     image = joined[1]
-    assert image.cond.shape[1] == 2 * 257 and torch.count_nonzero(image.uncond) == 0
-    assert torch.equal(image.cond[:, 257:], first_context((contexts["image1"],)).cond)
+    tokens = first_context((contexts["image0"],)).cond.shape[1]  # per image (257 for ViT-L/14)
+    assert image.cond.shape[1] == 2 * tokens and torch.count_nonzero(image.uncond) == 0
+    assert torch.equal(image.cond[:, tokens:], first_context((contexts["image1"],)).cond)
     assert [c.kind for c in join((contexts["image0"],), contexts["prompt0"], 0.0)] == ["image"]
     with pytest.raises(pack.vd_core.errors.VDInputError, match="image contexts only"):
         join((contexts["prompt0"],), None, 0.0)
@@ -191,7 +217,9 @@ def test_speed_up_keeps_the_official_results(nodes, parts, contexts, expected, p
     assert not fast.module.cuda_graphs and not fast.module.channels_last  # no GPU: plain computation
     (again,) = speed_up(fast, True, True)
     assert again.module.diffuser is parts[1].module
-    (latents,) = nodes["VDImageToText"].sample(fast, contexts["image1"], 102, *DDIM.values(), 1)
+    i2t = case_of(expected, "i2t")
+    context = case_context(contexts, expected, i2t["cond"][0])
+    (latents,) = nodes["VDImageToText"].sample(fast, context, i2t["torch_seed"], *DDIM.values(), 1)
     assert_close_ref(latents, expected["ddim_i2t"]["x_final"][:1], 1e-2, "sped-up image→text")
     with pytest.raises(pack.vd_core.errors.MissingPartError, match=r"^VD Speed Up: .*text_model"):
         speed_up(None, True, False)
@@ -216,7 +244,9 @@ def test_text_flow_layers_stream_under_lowvram(nodes, parts, contexts, expected,
     for layer in layers.values():
         layer.comfy_cast_weights = True
     try:
-        (latents,) = nodes["VDImageToText"].sample(parts[1], contexts["image1"], 102, *DDIM.values(), 1)
+        i2t = case_of(expected, "i2t")
+        context = case_context(contexts, expected, i2t["cond"][0])
+        (latents,) = nodes["VDImageToText"].sample(parts[1], context, i2t["torch_seed"], *DDIM.values(), 1)
     finally:
         for layer in layers.values():
             del layer.comfy_cast_weights
