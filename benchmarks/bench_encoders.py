@@ -22,7 +22,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from vd_core.clip_context import CLIPContextEncoder  # noqa: E402
+from vd_core.clip import CLIPContextEncoder, encoder_from_state_dict  # noqa: E402
 from timing import Timing, measure  # noqa: E402  (benchmarks/timing.py, beside this script)
 
 # openai/clip-vit-large-patch14 (vd_reference README, "Full-size manifest").
@@ -41,7 +41,7 @@ def random_clip(device: torch.device, dtype: torch.dtype) -> CLIPContextEncoder:
     generator = torch.Generator(device).manual_seed(0)
     state = {k: torch.randn(v.shape, generator=generator, device=device, dtype=dtype) * 0.02 for k, v in shapes.items()}
     config = {"text_config": CLIP_TEXT, "vision_config": CLIP_VISION}
-    return CLIPContextEncoder.from_state_dict(state, config)
+    return encoder_from_state_dict(state, config)
 
 
 def bench_clip(device: torch.device, dtype: torch.dtype, quick: bool) -> Iterator[dict]:
@@ -85,7 +85,7 @@ def bench_image_vae(device: torch.device, dtype: torch.dtype, quick: bool) -> It
 
 
 def _preprocess(clip: CLIPContextEncoder, images: torch.Tensor) -> torch.Tensor:
-    from vd_core.clip_preprocess import check_images, preprocess_images
+    from vd_core.clip.preprocess import check_images, preprocess_images
 
     return preprocess_images(check_images(images), clip.preprocessing)
 

@@ -39,7 +39,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from vd_core.acceleration import accelerate_diffuser  # noqa: E402
-from vd_core.clip_context import CLIPContextEncoder  # noqa: E402
+from vd_core.clip import CLIPContextEncoder  # noqa: E402
 from vd_core.diffuser import DiffuserConfig, FourFlowDiffuser  # noqa: E402
 from vd_core.flows import SamplingOptions, dual_context, image_to_text, text_to_image  # noqa: E402
 from vd_core.image_vae import ImageVAE, ImageVAEConfig  # noqa: E402

@@ -39,7 +39,7 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from vd_core.clip_context import CLIPContextEncoder  # noqa: E402
+from vd_core.clip import CLIPContextEncoder  # noqa: E402
 from vd_core.diffuser import DiffuserConfig, DiffuserParts, FourFlowDiffuser  # noqa: E402
 from vd_core.image_vae import ImageVAE, ImageVAEConfig  # noqa: E402
 from vd_core.models import FLOW_NEEDS, clip_towers_for, diffuser_parts_for  # noqa: E402

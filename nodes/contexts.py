@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import weakref
 
-from ..vd_core.clip_context import CLIPContextEncoder
+from ..vd_core.clip import encoder_from_state_dict
 from ..vd_core.errors import MissingPartError
 from ..vd_core.flows.context_builders import image_context, mix_contexts, text_context
 from . import comfy_bridge as bridge
@@ -120,7 +120,7 @@ def _clip_vision_encoder(clip_vision) -> ManagedModule:
     """
     managed = _CLIP_VISION_ENCODERS.get(clip_vision)
     if managed is None:
-        encoder = CLIPContextEncoder.from_state_dict(clip_vision.get_sd(), clip_vision_config(clip_vision),
+        encoder = encoder_from_state_dict(clip_vision.get_sd(), clip_vision_config(clip_vision),
                                                      device=bridge.offload_device())
         managed = _CLIP_VISION_ENCODERS[clip_vision] = ManagedModule(encoder, "VD_CLIP_vision_from_CLIP_VISION")
     return managed

@@ -12,8 +12,8 @@ from __future__ import annotations
 import logging
 import os
 
-from ..vd_core.clip_loading import load_clip
-from ..vd_core.clip_tokenizer import load_clip_tokenizer
+from ..vd_core.clip import load_clip
+from ..vd_core.clip import load_clip_tokenizer
 from ..vd_core.diffuser import DiffuserParts, load_diffuser
 from ..vd_core.errors import CheckpointError, VDError, VDInputError
 from ..vd_core.image_vae import load_image_vae

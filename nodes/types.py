@@ -73,7 +73,7 @@ class LazyCLIP:
     """``VD_CLIP``: a CLIP ViT-L/14 file whose towers load on first use, each its own part (a text
     →image graph never loads the 0.3 B-parameter vision tower, a variation graph not the text one).
 
-    ``load(tower)`` is ``vd_core.clip_loading.load_clip`` bound to the file, tokenizer and dtype.
+    ``load(tower)`` is ``vd_core.clip.load_clip`` bound to the file, tokenizer and dtype.
     """
 
     path: os.PathLike

@@ -15,10 +15,8 @@ from PIL import Image
 from safetensors.torch import save_file
 
 from conftest import assert_close_ref, load_tensors, release_config
-from vd_core.clip_context import CLIPContextEncoder
-from vd_core.clip_loading import load_clip
-from vd_core.clip_preprocess import CLIPImagePreprocessing, mask_token_weights, resize_and_crop, to_uint8
-from vd_core.clip_tokenizer import load_clip_tokenizer
+from vd_core.clip import CLIPContextEncoder, encoder_from_state_dict, load_clip, load_clip_tokenizer
+from vd_core.clip.preprocess import CLIPImagePreprocessing, mask_token_weights, resize_and_crop, to_uint8
 from vd_core.errors import CheckpointError, MissingPartError, TokenizerNotFoundError, VDInputError
 
 REL = 1e-4  # README: single forward passes within 1e-4·max(1, max|ref|)
@@ -180,7 +178,7 @@ def release_ctx(release_dir) -> dict:
 
 
 def test_release_tokenizer_ids(release_clip, release_expected, release_ctx, caplog):
-    with caplog.at_level(logging.WARNING, logger="vd_core.clip_context"):
+    with caplog.at_level(logging.WARNING, logger="vd_core.clip.context"):
         ids = release_clip.tokenize(release_expected["prompts"])
     assert torch.equal(ids, release_expected["text_input_ids"])
     eos = release_ctx["tiny_eos_id"]
@@ -226,7 +224,7 @@ def test_vision_only_state_dict(release_state, release_clip_dir, release_images,
     """What the ComfyUI node does with a CLIP_VISION model's weights."""
     vision = {k: v for k, v in release_state.items() if k.startswith(("vision_model.", "visual_projection."))}
     config = json.loads((release_clip_dir / "config.json").read_text())
-    clip = CLIPContextEncoder.from_state_dict(vision, config)
+    clip = encoder_from_state_dict(vision, config)
     assert clip.text_model is None and clip.context_dim == release_expected["image_ctx"].shape[-1]
     assert_close_ref(clip.encode_image(release_images[0]), release_expected["image_ctx"][:1], REL, "vision only")
     vision["visual_projection.weight"].zero_()  # the encoder holds its own copy

@@ -21,7 +21,7 @@ import pytest
 import torch
 
 from conftest import assert_close_ref, dual_ratios, guidance_of, load_tensors, optimus_heads, reference_dir
-from vd_core.clip_loading import load_clip
+from vd_core.clip import load_clip
 from vd_core.contexts import GuidedContext
 from vd_core.diffuser import load_diffuser
 from vd_core.flows import (

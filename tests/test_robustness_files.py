@@ -29,7 +29,7 @@ _TRUNCATE_AFTER_LOAD = textwrap.dedent("""
         model = load_diffuser(path, dtype=torch.float16, num_heads=heads)
         tensors = list(model.state_dict().values())
     elif kind == "clip":
-        from vd_core.clip_loading import load_clip
+        from vd_core.clip import load_clip
         tensors = list(load_clip(path, tokenizer=None, towers=("vision",)).state_dict().values())
         path = os.path.join(path, "model.safetensors")
     elif kind == "vae":

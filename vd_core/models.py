@@ -25,7 +25,7 @@ from typing import Any
 
 import torch
 
-from .clip_loading import load_clip
+from .clip import load_clip
 from .diffuser import DiffuserParts, load_diffuser
 from .errors import CheckpointError, MissingPartError, VDInputError
 from .image_vae import load_image_vae

@@ -17,10 +17,10 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint import describe_keys, load_exactly, read_state_dict, strip_prefix
-from .clip_context import CLIPContextEncoder
-from .clip_preprocess import CLIPImagePreprocessing
-from .errors import CheckpointError
+from ..checkpoint import describe_keys, load_exactly, read_state_dict, strip_prefix
+from .context import CLIPContextEncoder
+from .preprocess import CLIPImagePreprocessing
+from ..errors import CheckpointError
 
 log = logging.getLogger(__name__)
 
@@ -51,7 +51,7 @@ def load_clip(path: str | os.PathLike, tokenizer="auto", dtype: torch.dtype | No
             ``position_ids`` are ignored) or of a VD all-in-one checkpoint (towers read from
             ``ctx.text.model.`` and ``ctx.image.model.``; the file's other parts are ignored).
         tokenizer: ``"auto"`` (look up ``vocab.json``/``merges.txt`` next to the weights, then in the
-            Hugging Face cache, see :func:`~vd_core.clip_tokenizer.load_clip_tokenizer`), a
+            Hugging Face cache, see :func:`~vd_core.clip.load_clip_tokenizer`), a
             tokenizer object, or ``None`` (only :meth:`~CLIPContextEncoder.encode_text_ids`).
             Unused without the text tower.
         dtype: compute dtype; ``None`` keeps the file's. device: where the weights go.
@@ -89,7 +89,7 @@ def load_clip(path: str | os.PathLike, tokenizer="auto", dtype: torch.dtype | No
     if isinstance(tokenizer, str):
         if tokenizer != "auto":
             raise ValueError(f"tokenizer must be 'auto', None or a tokenizer object, got {tokenizer!r}")
-        from .clip_tokenizer import load_clip_tokenizer
+        from .tokenizer import load_clip_tokenizer
 
         tokenizer = load_clip_tokenizer([folder]) if "text" in selected else None
     preprocessing = None
@@ -260,6 +260,6 @@ def _rebuild_position_ids(encoder: CLIPContextEncoder, device: torch.device) -> 
             continue
         owner_name, _, leaf = name.rpartition(".")
         if leaf != "position_ids":
-            raise RuntimeError(f"transformers added an unknown non-persistent buffer {name}; update clip_context.py")
+            raise RuntimeError(f"transformers added an unknown non-persistent buffer {name}; update vd_core/clip/context.py")
         positions = torch.arange(buffer.shape[-1], device=device).expand(buffer.shape)
         encoder.get_submodule(owner_name).register_buffer(leaf, positions, persistent=False)

@@ -13,7 +13,7 @@ import os
 from collections.abc import Sequence
 from pathlib import Path
 
-from .errors import CheckpointError, TokenizerNotFoundError
+from ..errors import CheckpointError, TokenizerNotFoundError
 
 log = logging.getLogger(__name__)
 

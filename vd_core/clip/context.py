@@ -10,13 +10,13 @@ never downloaded.
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 
 import torch
 import torch.nn as nn
 
-from .clip_preprocess import CLIPImagePreprocessing, check_images, check_masks, mask_token_weights, preprocess_images
-from .errors import CheckpointError, MissingPartError, VDInputError
+from .preprocess import CLIPImagePreprocessing, check_images, check_masks, mask_token_weights, preprocess_images
+from ..errors import CheckpointError, MissingPartError, VDInputError
 
 log = logging.getLogger(__name__)
 
@@ -31,7 +31,7 @@ class CLIPContextEncoder(nn.Module):
         text_config: transformers ``CLIPTextConfig`` of the text tower, or ``None``.
         vision_config: transformers ``CLIPVisionConfig`` of the vision tower, or ``None``.
         projection_dim: context width D (768 for ViT-L/14).
-        tokenizer: a CLIP tokenizer (see :func:`vd_core.clip_tokenizer.load_clip_tokenizer`) for
+        tokenizer: a CLIP tokenizer (see :func:`vd_core.clip.load_clip_tokenizer`) for
             :meth:`encode_text`; ``None`` allows :meth:`encode_text_ids` only. Any object works that
             has ``eos_token_id``, ``pad_token_id`` and ``__call__(prompts, add_special_tokens=True,
             verbose=False) -> {"input_ids": [[BOS, …, EOS], …]}`` (unpadded, untruncated rows).
@@ -61,31 +61,6 @@ class CLIPContextEncoder(nn.Module):
                 )
         self.tokenizer = tokenizer
         self.preprocessing = preprocessing
-
-    @classmethod
-    def from_state_dict(cls, state_dict: Mapping[str, torch.Tensor], config: Mapping | None = None, *,
-                        tokenizer=None, preprocessing: CLIPImagePreprocessing | None = None,
-                        dtype: torch.dtype | None = None, device=None) -> "CLIPContextEncoder":
-        """Build an encoder from a state dict in transformers' ``CLIPModel`` naming.
-
-        Every tower present is built: e.g. ``vision_model.*`` + ``visual_projection.weight`` alone
-        (the weights of ComfyUI's ``CLIP_VISION`` model) give a vision-only encoder. The tensors are
-        copied, so the caller's model stays independent.
-
-        Args:
-            state_dict: the weights; ``position_ids`` and ``logit_scale`` may be present.
-            config: a ``CLIPConfig``-style dict (``config.json``: ``text_config``/``vision_config``)
-                for head counts, activation and LayerNorm epsilon; without it heads are 64 wide.
-            dtype: compute dtype; ``None`` keeps the stored one. device: ``None`` keeps the tensors'.
-
-        Raises:
-            CheckpointError: unknown keys, a tower without its projection head, missing or
-                inconsistent tensors.
-        """
-        from .clip_loading import encoder_from_state_dict
-
-        return encoder_from_state_dict(state_dict, config, tokenizer=tokenizer, preprocessing=preprocessing,
-                                       dtype=dtype, device=device)
 
     @property
     def dtype(self) -> torch.dtype:
@@ -188,7 +163,7 @@ class CLIPContextEncoder(nn.Module):
 
         Raises:
             MissingPartError: no vision tower. VDInputError: see
-            :func:`~vd_core.clip_preprocess.check_images` and :func:`~vd_core.clip_preprocess.check_masks`.
+            :func:`~vd_core.clip.preprocess.check_images` and :func:`~vd_core.clip.preprocess.check_masks`.
         """
         vision_model = self._require("vision", "image contexts")
         images = check_images(images)

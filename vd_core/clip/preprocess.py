@@ -20,8 +20,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from .errors import CheckpointError, VDInputError
-from .validation import check_image_values
+from ..errors import CheckpointError, VDInputError
+from ..validation import check_image_values
 
 OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)

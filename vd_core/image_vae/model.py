@@ -15,11 +15,11 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .checkpoint import describe_keys, load_exactly, read_state_dict, strip_prefix
-from .errors import CheckpointError, VDInputError
-from .image_vae_blocks import Decoder, Encoder
-from .memory_budget import decode_batch_size
-from .validation import check_finite, check_image_values, check_result
+from ..checkpoint import describe_keys, load_exactly, read_state_dict, strip_prefix
+from ..errors import CheckpointError, VDInputError
+from .blocks import Decoder, Encoder
+from ..memory_budget import decode_batch_size
+from ..validation import check_finite, check_image_values, check_result
 
 log = logging.getLogger(__name__)
 
