@@ -182,7 +182,7 @@ def pick_dtype(choice: str, device) -> torch.dtype:
 
     ``auto``: ComfyUI's diffusion-model choice (honours --fp16-unet/--bf16-unet/--fp32-unet, else
     what the device runs well); fp32 on CPU; outside ComfyUI fp16 on accelerators (the WebUI's
-    default, SPEC §9).
+    default, algorithm.md §9).
     """
     if choice in _DTYPES:
         return _DTYPES[choice]

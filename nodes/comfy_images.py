@@ -2,7 +2,7 @@
 
 ComfyUI: IMAGE ``(B, H, W, C)`` float in [0, 1]; MASK ``(B, H, W)`` or ``(H, W)``, **1 = masked**.
 vd_core (docs/ARCHITECTURE.md): images ``(B, 3, H, W)`` in [0, 1]; masks ``(B, 1, H, W)``,
-**1 = keep** (SPEC §5.3, §8: VD keeps what the mask is 1 on).
+**1 = keep** (algorithm.md §5.3, §8: VD keeps what the mask is 1 on).
 """
 
 from __future__ import annotations

@@ -6,7 +6,7 @@ patched in, ``--lowvram`` streaming), evaluates the conditioning (ControlNet, ar
 classifier-free guidance with every model patch (SAG, PAG, FreeU, attention patches …) and honours a
 LATENT's ``noise_mask``. Only the step rule is VD's: ``vd_core``'s sampler loop runs over ComfyUI's
 guided denoiser, as a ``KSAMPLER`` function. VD's samplers work in the variance-preserving space
-(``x_vp``, SPEC §7); ComfyUI's denoiser in k-diffusion's (``x = x_vp·√(1+σ²)``, returns x₀), so
+(``x_vp``, algorithm.md §7); ComfyUI's denoiser in k-diffusion's (``x = x_vp·√(1+σ²)``, returns x₀), so
 ε = (x − D(x, σ)) / σ is exact up to rounding (≈1e-6 relative).
 """
 
@@ -26,7 +26,7 @@ from .conditioning import conditioning_pair
 
 class StartNoise:
     """A `NoiseSource` whose first draw is ``first`` (the start noise ComfyUI was given), and whose
-    later draws continue ``rest``: the official draw order (SPEC §7.4) with one tensor shared."""
+    later draws continue ``rest``: the official draw order (algorithm.md §7.4) with one tensor shared."""
 
     def __init__(self, first: torch.Tensor, rest: NoiseSource):
         self.first, self.rest = first, rest
@@ -64,7 +64,7 @@ def visited_sigmas(options: SamplingOptions, denoise: float, model_sampling) -> 
     read them; VD's sampler keeps its own schedule)."""
     if options.sampler == "ddim":
         timesteps = ddim_timesteps(options.steps)
-        if denoise < 1.0:  # the fidelity path runs the first k timesteps (SPEC §7.4)
+        if denoise < 1.0:  # the fidelity path runs the first k timesteps (algorithm.md §7.4)
             timesteps = timesteps[: int(options.steps * denoise)]
         sigmas = model_sampling.sigma(timesteps.flip(0).to(torch.float32))
         return torch.cat([sigmas.cpu(), sigmas.new_zeros(1).cpu()])
@@ -109,7 +109,7 @@ def sample_image_latent(model, contexts, latent: torch.Tensor, *, options: Sampl
         model, first, options.guidance, sampler, visited_sigmas(options, denoise, model_sampling), positive, negative,
         start, noise_mask=noise_mask, callback=None, disable_pbar=True, seed=options.seed)
     if noise_mask is not None:
-        # VD's DDIM ends one step short of x₀ (ᾱ_prev = ᾱ[0] < 1, SPEC §7.2), so the kept region
+        # VD's DDIM ends one step short of x₀ (ᾱ_prev = ᾱ[0] < 1, algorithm.md §7.2), so the kept region
         # would drift by √(1−ᾱ[0])·ε; put the input back there, as a sampler ending at σ = 0 would.
         keep = 1.0 - comfy.sampler_helpers.prepare_mask(noise_mask, samples.shape, samples.device)
         samples = samples * (1.0 - keep) + latent.to(samples) * keep

@@ -3,7 +3,7 @@
 The conditioning carries the first context's tokens as the CONDITIONING tensor and, as extra keys,
 every context's kind (which context layers run), the mixing ratios, and the tokens of the further
 contexts. The negative CONDITIONING holds each context's unconditional tokens with the same ratios,
-which is VD's multi-context guidance (SPEC §4.3, §7.3). The keys reach
+which is VD's multi-context guidance (algorithm.md §4.3, §7.3). The keys reach
 `image_model.VDImageModel.extra_conds` and then the UNet as keyword arguments of the same names.
 
 Text-output flows (image→text, text variation) diffuse Optimus text latents, which are not LATENT
@@ -37,7 +37,7 @@ def conditioning_pair(contexts: Sequence[GuidedContext]) -> tuple[list, list]:
 
     Each is ``[[tokens_0 (B, N_0, D), {vd_kinds, vd_ratios, vd_extra_contexts: [tokens_1, …]}]]``
     with the conditional tokens (positive) or the unconditional ones (negative); contexts of
-    strength 0 are left out (they add 0·Δ, SPEC §4.3).
+    strength 0 are left out (they add 0·Δ, algorithm.md §4.3).
 
     Raises:
         VDInputError: no context, or every context has strength 0.

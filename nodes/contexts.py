@@ -1,7 +1,7 @@
 """Context nodes: prompts and images → VD_CONTEXT (what the VD samplers are conditioned on).
 
 A ``VD_CONTEXT`` is a tuple of ``GuidedContext`` (``vd_core.contexts``): conditional tokens, the
-unconditional tokens guidance contrasts them with, and a mixing ratio (SPEC §4.3, §7.3).
+unconditional tokens guidance contrasts them with, and a mixing ratio (algorithm.md §4.3, §7.3).
 """
 
 from __future__ import annotations
@@ -116,7 +116,7 @@ def _clip_vision_encoder(clip_vision) -> ManagedModule:
     """VD's encoder over a core CLIP_VISION's weights, built once per CLIP_VISION object.
 
     ComfyUI's CLIP vision holds transformers-named vision weights; vd_core rebuilds the official
-    encoder from them so preprocessing and projection follow SPEC §5.2.
+    encoder from them so preprocessing and projection follow algorithm.md §5.2.
     """
     managed = _CLIP_VISION_ENCODERS.get(clip_vision)
     if managed is None:

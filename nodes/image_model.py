@@ -1,7 +1,7 @@
 """VD's image flows as a ComfyUI ``MODEL`` on ComfyUI's own SD 1.x UNet (needs ComfyUI; imported lazily).
 
 VD's time MLP, image data layers and one kind of context layers are an SD 1.x UNet under other
-names (SPEC §4.2), and VD uses SD 1.x's noise schedule and latent scale (SPEC §2, §6.1). So the
+names (algorithm.md §4.2), and VD uses SD 1.x's noise schedule and latent scale (algorithm.md §2, §6.1). So the
 MODEL is built the way ``comfy/sd.py`` builds a diffusion model: SD 1.5's model config with sizes
 read off the tensors, a ``BaseModel`` whose UNet is core's ``UNetModel`` (one context kind) or
 :class:`~.multi_context_unet.MultiContextUNet` (both kinds), ComfyUI's dtype and casting choices
@@ -92,7 +92,7 @@ class VDImageModelConfig(comfy.supported_models.SD15):
     def __init__(self, unet_config: dict, context_kinds: tuple[str, ...], num_heads: int,
                  file_names: dict[str, str]):
         super().__init__(unet_config)
-        self.unet_config["num_heads"] = num_heads  # fixed by the release, in no file (SPEC §3.3)
+        self.unet_config["num_heads"] = num_heads  # fixed by the release, in no file (algorithm.md §3.3)
         self.context_kinds = context_kinds
         self.file_names = file_names
 

@@ -2,7 +2,7 @@
 
 VD mixes whole context layers, not attention outputs: at every context position each context runs
 through the context layer of its kind and the results are blended, ``h ← Σ rᵢ·STᵢ(h, cᵢ)`` with
-ratios normalised to sum 1 (SPEC §4.3). Attention patches cannot express that, so the UNet's
+ratios normalised to sum 1 (algorithm.md §4.3). Attention patches cannot express that, so the UNet's
 context layers become :class:`MultiContextSpatialTransformer`: the layer of the *primary* kind
 keeps its parameters under ComfyUI's native names (``input_blocks.1.1.norm.weight`` …, so LoRA key
 maps, merging and saving see a plain SD 1.x UNet), and holds the other kind's layer as

@@ -1,4 +1,4 @@
-"""VD's own sampler nodes, one per flow (SPEC §7, §8).
+"""VD's own sampler nodes, one per flow (algorithm.md §7, §8).
 
 Image flows return a core ``LATENT`` (``{"samples": unscaled (B, 4, H/8, W/8)}``, the convention
 of VAE Decode and KSampler); text flows return ``VD_TEXT_LATENT`` for the Optimus nodes.
@@ -37,7 +37,7 @@ TEXT_MODEL_INPUT = (VD_MODEL, {"tooltip": "The VD Loader's text_model output (th
 
 
 def sampling_inputs(model_input: tuple, context_tooltip: str) -> dict:
-    """The inputs every VD sampler shares (defaults: the official WebUI's, SPEC §8)."""
+    """The inputs every VD sampler shares (defaults: the official WebUI's, algorithm.md §8)."""
     return {
         "model": model_input,
         "context": (VD_CONTEXT, {"tooltip": context_tooltip}),

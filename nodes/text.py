@@ -1,4 +1,4 @@
-"""Optimus text nodes: text latents ↔ sentences, and editing text latents (SPEC §6.2, §8.3, §10)."""
+"""Optimus text nodes: text latents ↔ sentences, and editing text latents (algorithm.md §6.2, §8.3, §10)."""
 
 from __future__ import annotations
 

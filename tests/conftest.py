@@ -173,7 +173,7 @@ def tiny_model(tiny_state, tiny_config):
     return model.eval().requires_grad_(False)
 
 
-# Bounds relative to max(1, max|ref|). SPEC §9 / README: float16 moves a single forward by ≈1e-3–5e-3
+# Bounds relative to max(1, max|ref|). algorithm.md §9 / README: float16 moves a single forward by ≈1e-3–5e-3
 # relative. The tiny text diffuser's GroupNorm groups of 4–8 values (README) make its text flow less
 # well conditioned: the official code itself, in float16 on a CPU, misses float32 by up to 1.7e-2
 # relative on tiny text-flow forwards with an image context (28 random tiny architectures and seeds;

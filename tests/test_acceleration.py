@@ -98,7 +98,7 @@ def test_channels_last_converts_the_convolutions_in_place(plain):
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("name", ["eps_image_textctx", "eps_text_imagectx", "eps_image_mc_text0p3_image0p7"])
 def test_half_precision_fast_path_within_spec_tolerance(name, dtype, device, plain, apply_model, tiny_inputs):
-    """SPEC §9: float16 moves a forward by ≈0.1–0.3 % of float32 (the tolerances of
+    """algorithm.md §9: float16 moves a forward by ≈0.1–0.3 % of float32 (the tolerances of
     tests/test_diffuser.py); channels-last (and on a GPU the recorded graph) adds nothing to that."""
     fast = accelerate_diffuser(copy.deepcopy(plain).to(device, dtype), channels_last=True, cuda_graphs=True)
     half = copy.deepcopy(plain).to(device, dtype)

@@ -13,7 +13,7 @@ from conftest import ROOT, reference_dir
 sys.path.insert(0, str(ROOT / "benchmarks"))
 import bench_memory  # noqa: E402
 
-# Part -> manifest key prefixes (the released names: SPEC §1, §5, §6).
+# Part -> manifest key prefixes (the released names: algorithm.md §1, §5, §6).
 MANIFEST_PREFIXES = {
     "time_embed": ("diffuser.image.time_embed.",),
     "image_data": ("diffuser.image.data_blocks.",),

@@ -1,4 +1,4 @@
-"""CLIP text/image contexts (SPEC §5), their preprocessing, loading and the tokenizer look-up.
+"""CLIP text/image contexts (algorithm.md §5), their preprocessing, loading and the tokenizer look-up.
 
 Expected values come from the official code's outputs in ``tiny/`` and ``tiny_release/expected/``.
 """
@@ -103,7 +103,7 @@ def test_text_context_matches_official(tiny_clip, tiny_inputs, tiny_expected):
 def test_uint8_preprocessing_is_bit_exact(tiny_clip, tiny_inputs, tiny_expected):
     settings = tiny_clip.preprocessing
     assert torch.equal(to_uint8(tiny_inputs["pixels_sq"]), tiny_inputs["pixels_sq_u8"])
-    # SPEC §5.2 step 1: ToPILImage truncates (no rounding).
+    # algorithm.md §5.2 step 1: ToPILImage truncates (no rounding).
     assert to_uint8(torch.tensor([0.7, 1.5, 254.9, 255.0]) / 255).tolist() == [0, 1, 254, 255]
     for pixels, key in (("pixels_sq", "image_processed_u8"), ("pixels_rect", "image_processed_u8_rect")):
         processed = resize_and_crop(to_uint8(tiny_inputs[pixels]), settings).permute(0, 2, 3, 1)

@@ -1,4 +1,4 @@
-"""End-to-end parity with the official sampler and WebUI on the tiny model (SPEC §7, §8).
+"""End-to-end parity with the official sampler and WebUI on the tiny model (algorithm.md §7, §8).
 
 * ``tiny/ddim_*.safetensors``: every official DDIM trajectory, replayed with the real tiny diffuser
   through ``vd_core.flows.sampling`` (contexts from ``ddim_contexts.safetensors``, noise from a
@@ -153,7 +153,7 @@ def test_ddim_trajectory(name, tiny_dir, tiny_models, ddim_contexts):
 
 @pytest.mark.parametrize("name", ["i2t_s10", "t2t_s10"])
 def test_ddim_text_decode_continues_the_generator(name, tiny_dir, tiny_models, ddim_contexts):
-    """The official Optimus decode right after sampling draws from the same RNG (SPEC §7.4)."""
+    """The official Optimus decode right after sampling draws from the same RNG (algorithm.md §7.4)."""
     case = DDIM_CASES[name]
     _, contexts = case_contexts(name, ddim_contexts)
     noise = BatchNoise(case["torch_seed"])
@@ -259,7 +259,7 @@ def slots_from_webui(args: list, image) -> list[ImageSlot]:
         picture, sketch, weight, focus, use_mask = args[i : i + 5]
         if picture is None and sketch is None:
             continue
-        if use_mask:  # the sketch layer's first channel, drawn (white) = removed (SPEC §8)
+        if use_mask:  # the sketch layer's first channel, drawn (white) = removed (algorithm.md §8)
             mask = 1 - image(sketch["mask"])[:, :1]
             slots.append(ImageSlot(image(sketch["image"]), mask, weight, focus))
         else:

@@ -1,4 +1,4 @@
-"""The four-flow diffuser against the official outputs in tiny/ (SPEC §2.1, §3, §4)."""
+"""The four-flow diffuser against the official outputs in tiny/ (algorithm.md §2.1, §3, §4)."""
 
 from __future__ import annotations
 
@@ -65,7 +65,7 @@ def test_execution_order_matches_official(tiny_dir, tiny_model, ref_dir):
 
 
 def test_multi_context_for_text_data_is_the_ratio_weighted_walk(tiny_dir, tiny_model, tiny_inputs):
-    """The official multi-context walk crashes for text data (SPEC §4.3); ours follows the same
+    """The official multi-context walk crashes for text data (algorithm.md §4.3); ours follows the same
     formula h ← Σ r_i·block_i(h, c_i). Reference: the official loop written out here, with the
     official layer order from the fixture and numpy-normalised ratios."""
     orders = json.loads((tiny_dir / "apply_model.json").read_text())["layer_order"]

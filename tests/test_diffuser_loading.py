@@ -57,7 +57,7 @@ def test_config_from_shapes_matches_tiny_config(diffuser_weights, tiny_config, t
     assert config.model_channels == image["model_channels"] == text["model_channels"]
     assert config.channel_mult == tuple(image["channel_mult"])
     assert config.num_res_blocks == tuple(image["num_res_blocks"]) == tuple(text["num_noattn_blocks"])
-    # attention_resolutions lists downsampling factors 2**level (SPEC §4.1).
+    # attention_resolutions lists downsampling factors 2**level (algorithm.md §4.1).
     levels = range(len(image["channel_mult"]))
     assert config.context_levels == tuple(2**level in image["attention_resolutions"] for level in levels)
     assert config.context_levels == tuple(text["with_attn"])
@@ -80,7 +80,7 @@ def test_legacy_key_map_equals_the_reference_table(ref_dir):
 
 
 def test_full_size_config_from_shapes(ref_dir):
-    """Levels 2 and 3 are both 1280 wide; context layers go to the finer one (SPEC §4.2). The
+    """Levels 2 and 3 are both 1280 wide; context layers go to the finer one (algorithm.md §4.2). The
     pre-2023 layout names the positions explicitly and must agree."""
     with torch.device("meta"):
         from vd_core.diffuser import FourFlowDiffuser

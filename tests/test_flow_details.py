@@ -1,5 +1,5 @@
-"""Flow details the official trajectories do not reach: the I2T2I stages (SPEC §10), negative prompts,
-and the WebUI's bilinear mask resize (SPEC §8). Run on the release-layout miniature."""
+"""Flow details the official trajectories do not reach: the I2T2I stages (algorithm.md §10), negative prompts,
+and the WebUI's bilinear mask resize (algorithm.md §8). Run on the release-layout miniature."""
 
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ from vd_core.models import ALL_FLOWS, VDModels, load_models
 
 i2t2i_module = importlib.import_module("vd_core.flows.edit_image_with_text")  # the package re-exports the function
 REL = 1e-4  # README: single forward passes within 1e-4·max(1, max|ref|)
-# SPEC §10 step 6–7, the legacy I2T2I script's constants: rank-10 local tokens, image 0.33 / text 0.67.
+# algorithm.md §10 step 6–7, the legacy I2T2I script's constants: rank-10 local tokens, image 0.33 / text 0.67.
 I2T2I_RANK, I2T2I_IMAGE_RATIO, I2T2I_TEXT_RATIO = 10, 0.33, 0.67
 
 
@@ -41,7 +41,7 @@ def png(path) -> torch.Tensor:
 
 
 def rank_k(tokens: torch.Tensor, k: int) -> torch.Tensor:
-    """Reference for SPEC §10 step 6: per-token mean removed, exact rank-k SVD, mean added back."""
+    """Reference for algorithm.md §10 step 6: per-token mean removed, exact rank-k SVD, mean added back."""
     x = tokens.double()
     mean = x.mean(-1, keepdim=True)
     u, s, vh = torch.linalg.svd(x - mean, full_matrices=False)

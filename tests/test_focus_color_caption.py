@@ -1,4 +1,4 @@
-"""The WebUI's Focus (adjust_rank, SPEC §8.1), Simple colour adjustment (§8.2) and caption clean-up
+"""The WebUI's Focus (adjust_rank, algorithm.md §8.1), Simple colour adjustment (§8.2) and caption clean-up
 (§8.3) against the official outputs in the tiny fixtures; plus the I2T2I low-rank tokens (§10)."""
 
 from __future__ import annotations
@@ -143,7 +143,7 @@ def test_remove_duplicate_words_on_decoded_captions(tiny_dir):
 
 
 def test_empty_words_are_dropped_instead_of_raising(tiny_dir):
-    # where the official raises IndexError (SPEC §8.3 / §11.10), spaces are normalised first
+    # where the official raises IndexError (algorithm.md §8.3 / §11.10), spaces are normalised first
     cases = json.loads((tiny_dir / "text_postprocess.json").read_text())["remove_duplicate_word"]
     failing = [case["input"] for case in cases if case.get("error") == "IndexError"]
     assert failing

@@ -1,4 +1,4 @@
-"""kl-f8 image VAE (SPEC §6.1): parity with the official code on the tiny fixtures, loading of every
+"""kl-f8 image VAE (algorithm.md §6.1): parity with the official code on the tiny fixtures, loading of every
 accepted layout, and the errors for files of the wrong kind and unusable inputs."""
 
 from __future__ import annotations

@@ -3,7 +3,7 @@ miniature (the image flows through the loader's core MODEL and ComfyUI's samplin
 
 The official runs draw the initial latent of a batch of 2 after ``torch.manual_seed(s)``; with
 the nodes' per-item seeds, item 0 at seed ``s`` draws the same numbers (the first row of that
-draw) and, at eta 0, the later per-step draws are multiplied by 0 (SPEC §7.2). So a node run of
+draw) and, at eta 0, the later per-step draws are multiplied by 0 (algorithm.md §7.2). So a node run of
 batch 1 at seed ``s`` must reproduce the official item 0 (tolerances: vd_reference README, 10-step
 trajectories 1e-3·max|ref| for image flows, 1e-2·max|ref| for text flows).
 """
@@ -18,7 +18,7 @@ import torch
 from conftest import assert_close_ref, dual_ratios, guidance_of
 from node_fixtures import comfy_image, first_context
 
-LATENT_SCALE = 0.18215  # SPEC §6.1: diffusion latents are kl-f8 latents × 0.18215
+LATENT_SCALE = 0.18215  # algorithm.md §6.1: diffusion latents are kl-f8 latents × 0.18215
 DDIM = {}  # the official runs' sampler settings (ddim.json), set by the autouse fixture below
 
 

@@ -24,7 +24,7 @@ EXPECTED_NODES = {
     "VDMultiContextSampler", "VDImageToText", "VDTextVariation", "VDOptimusTextDecode", "VDOptimusTextEncode",
     "VDTextLatentEdit", "VDColorMatch",
 }
-LATENT_SCALE = 0.18215  # SPEC §6.1
+LATENT_SCALE = 0.18215  # algorithm.md §6.1
 
 
 @pytest.fixture(autouse=True)
@@ -147,12 +147,12 @@ def test_image_context_matches_official(nodes, parts, expected, release_dir):
         context = first_context(node.encode(comfy_image(release_dir / "expected" / f"image_{i}.png"), 0.5, 1.0, clip=parts[2]))
         assert context.kind == "image"
         assert_close_ref(context.cond, expected["clip"]["image_ctx"][i : i + 1], 1e-4, f"image {i} cond")
-        assert torch.count_nonzero(context.uncond) == 0  # SPEC §8: zeros for image variation
+        assert torch.count_nonzero(context.uncond) == 0  # algorithm.md §8: zeros for image variation
         assert_close_ref(context.text_flow_uncond, expected["clip"]["image_ctx_black"], 1e-4, "black-image uncond")
 
 
 def test_comfy_mask_is_inverted(nodes, parts, expected, release_dir, pack):
-    """ComfyUI MASK 1 = masked = left out; VD keeps 1 − mask (SPEC §5.3)."""
+    """ComfyUI MASK 1 = masked = left out; VD keeps 1 − mask (algorithm.md §5.3)."""
     node = nodes["VDCLIPImageContext"]
     image = comfy_image(release_dir / "expected" / "image_0.png")
 
@@ -217,7 +217,7 @@ def test_optimus_encode_matches_official(nodes, parts, expected):
 
 
 def test_text_latent_edit_follows_spec(nodes, parts, expected, pack):
-    """SPEC §10 step 3: remove each latent's projection on n/‖n‖, then add p."""
+    """algorithm.md §10 step 3: remove each latent's projection on n/‖n‖, then add p."""
     z = expected["inputs"]["optimus_latents"]
     (p,) = nodes["VDOptimusTextEncode"].encode(parts[3], "a tall castle")
     (n,) = nodes["VDOptimusTextEncode"].encode(parts[3], "a white house")

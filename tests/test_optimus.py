@@ -1,4 +1,4 @@
-"""Optimus text VAE (SPEC §6.2) against the official outputs in tiny/ and tiny_release/expected/."""
+"""Optimus text VAE (algorithm.md §6.2) against the official outputs in tiny/ and tiny_release/expected/."""
 
 from __future__ import annotations
 

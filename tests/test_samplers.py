@@ -1,4 +1,4 @@
-"""Samplers (SPEC §7): exact DDIM replay of the official trajectories, noise sources, guidance,
+"""Samplers (algorithm.md §7): exact DDIM replay of the official trajectories, noise sources, guidance,
 and the k-diffusion-style samplers on an analytic problem."""
 
 from __future__ import annotations
@@ -197,7 +197,7 @@ def test_ddim_fp16_runs_in_the_sample_dtype(tiny_dir, tiny_config, ddim_cases):
     result = sample_ddim(lambda x, t: next(replay).half(), case["x_init"].half(), info["steps"], eta=info["eta"],
                          noise=ReplayNoise(case["step_noise"]), alphas_cumprod=alphas_cumprod(torch.float16))
     assert result.dtype == torch.float16
-    # SPEC §9: fp16 moves short trajectories by 0.5–2 % relative (here: only the sampler's own
+    # algorithm.md §9: fp16 moves short trajectories by 0.5–2 % relative (here: only the sampler's own
     # arithmetic is fp16, measured 0.16 %).
     assert_close_ref(result, case["x_final"], rel=5e-3, what="fp16 x_final")
 

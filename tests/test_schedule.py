@@ -1,4 +1,4 @@
-"""The diffusion schedule (SPEC §2) against the official buffers in tiny/schedule.safetensors."""
+"""The diffusion schedule (algorithm.md §2) against the official buffers in tiny/schedule.safetensors."""
 
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ def test_alphas_cumprod_is_the_official_float32_buffer(official):
     ac = alphas_cumprod()
     assert ac.dtype == torch.float32 and ac.shape == (1000,)
     assert torch.equal(ac, official["alphas_cumprod"])
-    # SPEC §2 quotes the two ends.
+    # algorithm.md §2 quotes the two ends.
     assert ac[0].item() == pytest.approx(0.99915, abs=1e-5)
     assert ac[999].item() == pytest.approx(0.0046601, rel=1e-4)
 

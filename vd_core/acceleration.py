@@ -2,13 +2,13 @@
 
 * **channels-last** — convolution weights and image activations in NHWC order: cuDNN's fast
   fp16/bf16 convolutions want it, and the context layers' ``(B, C, H, W) ↔ (B, H·W, C)`` token
-  views become free (SPEC §3.3 is unchanged: the same sums in another memory order).
+  views become free (algorithm.md §3.3 is unchanged: the same sums in another memory order).
 * **torch.compile** — Inductor fuses GroupNorm+SiLU, GEGLU and the residual adds into a few
   kernels. Off by default (on the CPU it does not pay: the forward is convolution/GEMM-bound);
   the first call compiles for minutes at full size, so a persistent cache directory makes later
   processes start fast.
 * **CUDA graphs** — one forward of fixed shapes is recorded once and replayed with a single
-  launch. The text diffuser (SPEC §3.4) is launch-bound on a GPU: hundreds of small kernels,
+  launch. The text diffuser (algorithm.md §3.4) is launch-bound on a GPU: hundreds of small kernels,
   each shorter than its launch. Only for CUDA tensors under ``torch.no_grad``/``inference_mode``;
   anything else runs eagerly.
 

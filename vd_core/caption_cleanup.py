@@ -1,5 +1,5 @@
 """Removal of repeated words and phrases from generated captions (the WebUI's
-``remove_duplicate_word``, applied to Image-to-Text and Text-Variation outputs; SPEC §8.3)."""
+``remove_duplicate_word``, applied to Image-to-Text and Text-Variation outputs; algorithm.md §8.3)."""
 
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ PUNCTUATION_JOIN = "<puncnext>"
 def remove_duplicate_words(text: str) -> str:
     """Remove every word or phrase that immediately repeats the previous one.
 
-    Examples (SPEC §8.3): "a cat cat sat" → "a cat sat"; "a b a b a b c" → "a b c";
+    Examples (algorithm.md §8.3): "a cat cat sat" → "a cat sat"; "a b a b a b c" → "a b c";
     "hello hello, world" → "hello, world"; "hello, hello world!" is unchanged.
 
     Same result as the official function on every string it accepts. Deliberate fix: the official

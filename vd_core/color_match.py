@@ -1,4 +1,4 @@
-"""The WebUI's "Simple" colour adjustment of image-variation outputs (SPEC §8.2)."""
+"""The WebUI's "Simple" colour adjustment of image-variation outputs (algorithm.md §8.2)."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ def match_color_simple(images: torch.Tensor, reference: torch.Tensor) -> torch.T
     """Give every image the per-channel mean and std of the reference, then clamp to [0, 1].
 
     ``out = (y − mean(y)) / std(y) · std(ref) + mean(ref)`` per image and channel, means and
-    **unbiased** stds over all pixels of the channel (SPEC §8.2).
+    **unbiased** stds over all pixels of the channel (algorithm.md §8.2).
 
     Args:
         images: ``(B, 3, H, W)`` in [0, 1], e.g. decoded samples.

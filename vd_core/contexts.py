@@ -1,6 +1,6 @@
 """Guided contexts: what a VD flow is conditioned on.
 
-A flow is conditioned on one or more contexts (SPEC §4.3, §7.3). Each carries its conditional
+A flow is conditioned on one or more contexts (algorithm.md §4.3, §7.3). Each carries its conditional
 tokens, the unconditional tokens classifier-free guidance contrasts them with, and a mixing ratio.
 Ratios are normalised to sum 1 by the diffuser, so strengths (0.3, 0.7) and (3, 7) mean the same.
 """
@@ -23,7 +23,7 @@ class GuidedContext:
 
     Attributes:
         kind: ``"text"`` (CLIP text tokens, N = 77) or ``"image"`` (CLIP image tokens, N = 257·k).
-            It selects the diffuser's context layers (SPEC §1: by the context's type).
+            It selects the diffuser's context layers (algorithm.md §1: by the context's type).
         cond: ``(1 | B, N, D)`` conditional tokens.
         uncond: ``(1 | B, N, D)`` unconditional tokens: the empty prompt for text, zeros for images
             (official image-variation and dual/multi-context), or a negative prompt.

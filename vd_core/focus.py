@@ -1,11 +1,11 @@
-"""Semantic ↔ style focus of CLIP image contexts (the WebUI's "Focus" slider, SPEC §8.1), and the
-low-rank local tokens of the legacy I2T2I edit (SPEC §10 step 6).
+"""Semantic ↔ style focus of CLIP image contexts (the WebUI's "Focus" slider, algorithm.md §8.1), and the
+low-rank local tokens of the legacy I2T2I edit (algorithm.md §10 step 6).
 
 The local (patch) tokens of an image context are decomposed as ``per-token mean + U·diag(S)·Vᵀ +
 residual``. Focus below 0.5 shrinks the top principal components (what the image *is*, its
 semantics); above 0.5 it shrinks components 5…19 and drops the residual (keeping the dominant
 *style* directions). The official code uses ``torch.pca_lowrank`` with 100 power iterations on
-batch 1; that equals an exact truncated SVD to float32 noise (SPEC §8.1), so this module uses
+batch 1; that equals an exact truncated SVD to float32 noise (algorithm.md §8.1), so this module uses
 ``torch.linalg.svd``: deterministic, no random numbers, and any batch size (per-sample statistics).
 """
 
@@ -33,7 +33,7 @@ def focus_multipliers(level: float) -> tuple[list[float], bool]:
     Semantic side (level < 0.5), i = 0, 1: ``max(0, i/2·(1−y0) + y0)`` with
     ``y0 = 2·(e^{2l−1} − e^{−1})/(1 − e^{−1}) − 1``. Style side (level > 0.5), i = 5…19:
     ``max(0, (i−19)/(−15)·(1−y0) + y0)`` with ``y0 = 16·(e^{2l−1} − e)/(1 − e) − 15``, and the
-    residual is dropped for every level above 0.5 (the official discontinuity, SPEC §8.1).
+    residual is dropped for every level above 0.5 (the official discontinuity, algorithm.md §8.1).
     Computed in float64 like the official numpy code.
     """
     _check_level(level)
@@ -91,7 +91,7 @@ def apply_focus(image_context: torch.Tensor, level: float, generator: torch.Gene
                 tokens_per_image: int = TOKENS_PER_IMAGE) -> torch.Tensor:
     """Focus of an image context ``(B, 257·k, D)`` (k images concatenated): :func:`adjust_rank` on the
     256 local tokens of every 257-token block, each block's global (first) token kept — what the
-    WebUI does for image variation and every image slot of dual/multi context (SPEC §8).
+    WebUI does for image variation and every image slot of dual/multi context (algorithm.md §8).
 
     Raises:
         VDInputError: ``level`` outside [0, 1], or the token count is not a multiple of 257.
@@ -112,7 +112,7 @@ def apply_focus(image_context: torch.Tensor, level: float, generator: torch.Gene
 
 def low_rank_tokens(local_tokens: torch.Tensor, rank: int = 10) -> torch.Tensor:
     """Rank-``rank`` approximation of tokens ``(B, N, D)`` with the per-token mean removed before and
-    added back after (the I2T2I image context, SPEC §10 step 6, rank 10). Exact SVD per sample,
+    added back after (the I2T2I image context, algorithm.md §10 step 6, rank 10). Exact SVD per sample,
     float32 inside, returned in the input dtype.
 
     Raises:

@@ -4,12 +4,12 @@ A user downloads four things (README "Model files") and puts them in one folder:
 
 * the diffuser: ``vd-four-flow-v1-0-fp16.pth`` (released), ``vd-four-flow-v1-0.pth`` (float32) or a
   ``.safetensors`` of either made by ``python -m vd_core.convert``;
-* ``kl-f8.pth``: the image VAE (SPEC §6.1);
-* ``optimus-vae.pth``: the Optimus text VAE (SPEC §6.2); its tokenizer files are looked up in
+* ``kl-f8.pth``: the image VAE (algorithm.md §6.1);
+* ``optimus-vae.pth``: the Optimus text VAE (algorithm.md §6.2); its tokenizer files are looked up in
   ``optimus_tokenizers/`` beside it (see :mod:`vd_core.optimus.tokenizers`);
-* ``clip-vit-large-patch14/``: the Hugging Face folder of OpenAI CLIP ViT-L/14 (SPEC §5).
+* ``clip-vit-large-patch14/``: the Hugging Face folder of OpenAI CLIP ViT-L/14 (algorithm.md §5).
 
-Each flow needs a different subset (SPEC §1: the data layers follow the data, the context layers
+Each flow needs a different subset (algorithm.md §1: the data layers follow the data, the context layers
 follow the context), so :func:`load_models` reads only those files, and only the diffuser layers
 those flows use.
 """
@@ -53,7 +53,7 @@ _PART_FILES = {
 
 @dataclass(frozen=True)
 class FlowNeeds:
-    """What one flow reads: diffuser data/context kinds (SPEC §1) and the other parts."""
+    """What one flow reads: diffuser data/context kinds (algorithm.md §1) and the other parts."""
 
     data_kinds: frozenset[str]
     context_kinds: frozenset[str]
@@ -73,7 +73,7 @@ FLOW_NEEDS: dict[str, FlowNeeds] = {
     "text_variation": _needs("text", "text", image_vae=False, optimus=True),
     "dual_context": _needs("image", "image text", image_vae=True, optimus=False),
     "multi_context": _needs("image", "image text", image_vae=True, optimus=False),
-    # SPEC §10: image→text sampling, Optimus edit, then dual-context image sampling.
+    # algorithm.md §10: image→text sampling, Optimus edit, then dual-context image sampling.
     "edit_image_with_text": _needs("image text", "image text", image_vae=True, optimus=True),
 }
 ALL_FLOWS = tuple(FLOW_NEEDS)
@@ -182,7 +182,7 @@ def load_models(
         device: where the parts go.
         dtype: compute precision of the diffuser and CLIP (``None``: float32; float16 is the
             WebUI's). The two VAEs always compute in float32: they are small, the image decoder can
-            overflow in float16, and Optimus' top-p filter is defined by float32 sums (SPEC §6.2).
+            overflow in float16, and Optimus' top-p filter is defined by float32 sums (algorithm.md §6.2).
 
     Raises:
         VDInputError: an unknown flow name.
@@ -229,7 +229,7 @@ def _check_present(files: ModelFiles, wanted: set[str], flows: tuple[str, ...]) 
 
 
 def diffuser_parts_for(data_kinds: Iterable[str], context_kinds: Iterable[str]) -> DiffuserParts:
-    """The diffuser layers that flows with these data and context kinds use (SPEC §1)."""
+    """The diffuser layers that flows with these data and context kinds use (algorithm.md §1)."""
     data_kinds, context_kinds = set(data_kinds), set(context_kinds)
     return DiffuserParts(
         image_data="image" in data_kinds,

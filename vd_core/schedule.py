@@ -1,4 +1,4 @@
-"""The VD/Stable-Diffusion noise schedule (SPEC §2) and its k-diffusion view.
+"""The VD/Stable-Diffusion noise schedule (algorithm.md §2) and its k-diffusion view.
 
 VD is trained on 1000 discrete timesteps with the LDM "linear" schedule
 ``betas = linspace(sqrt(0.00085), sqrt(0.012), 1000)²`` and ε-prediction. The official model
@@ -22,7 +22,7 @@ BETA_END = 0.012
 
 
 def _alphas_cumprod_float64() -> torch.Tensor:
-    """``(1000,)`` float64 ᾱ, before any rounding (SPEC §2)."""
+    """``(1000,)`` float64 ᾱ, before any rounding (algorithm.md §2)."""
     betas = torch.linspace(BETA_START**0.5, BETA_END**0.5, NUM_TRAIN_TIMESTEPS, dtype=torch.float64) ** 2
     return torch.cumprod(1.0 - betas, dim=0)
 
@@ -58,7 +58,7 @@ def q_sample(
     noise: torch.Tensor,
     alphas_cumprod: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Forward noising ``x_t = sqrt(ᾱ_t)·x0 + sqrt(1 − ᾱ_t)·noise`` (SPEC §2).
+    """Forward noising ``x_t = sqrt(ᾱ_t)·x0 + sqrt(1 − ᾱ_t)·noise`` (algorithm.md §2).
 
     Args:
         x0: ``(B, ...)`` clean sample (diffusion space: scaled image latent or text latent).

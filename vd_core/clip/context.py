@@ -1,4 +1,4 @@
-"""VD's context encoders: CLIP ViT-L/14 text and image contexts (SPEC §5).
+"""VD's context encoders: CLIP ViT-L/14 text and image contexts (algorithm.md §5).
 
 The official model holds two full ``transformers.CLIPModel`` copies of openai/clip-vit-large-patch14
 and uses the text tower of one (``ctx.text``) and the vision tower of the other (``ctx.image``).
@@ -21,7 +21,7 @@ from ..errors import CheckpointError, MissingPartError, VDInputError
 log = logging.getLogger(__name__)
 
 class CLIPContextEncoder(nn.Module):
-    """CLIP text and/or vision tower turning prompts and images into VD context tokens (SPEC §5).
+    """CLIP text and/or vision tower turning prompts and images into VD context tokens (algorithm.md §5).
 
     Either tower may be absent (``text_config`` or ``vision_config`` is ``None``). Submodules and
     ``state_dict`` keys follow transformers' ``CLIPModel``: ``text_model.*``, ``text_projection``,
@@ -82,7 +82,7 @@ class CLIPContextEncoder(nn.Module):
         return self._require("text", "text contexts").embeddings.position_embedding.num_embeddings
 
     def tokenize(self, prompts: Sequence[str] | str) -> torch.Tensor:
-        """Prompts → token ids ``(B, max_length)`` int64, as the official encoder tokenises (SPEC §5.1).
+        """Prompts → token ids ``(B, max_length)`` int64, as the official encoder tokenises (algorithm.md §5.1).
 
         ``<|startoftext|>``, the BPE tokens, ``<|endoftext|>``, then padding with the tokenizer's pad
         id (``<|endoftext|>`` 49407 for OpenAI's). A prompt longer than ``max_length`` tokens is cut
@@ -114,12 +114,12 @@ class CLIPContextEncoder(nn.Module):
         return ids
 
     def encode_text(self, prompts: Sequence[str] | str) -> torch.Tensor:
-        """Prompts → text context ``(B, max_length, D)`` (SPEC §5.1); see :meth:`tokenize`."""
+        """Prompts → text context ``(B, max_length, D)`` (algorithm.md §5.1); see :meth:`tokenize`."""
         return self.encode_text_ids(self.tokenize(prompts))
 
     @torch.no_grad()
     def encode_text_ids(self, ids: torch.Tensor) -> torch.Tensor:
-        """Token ids ``(B, max_length)`` (or one row) → text context ``(B, max_length, D)`` (SPEC §5.1).
+        """Token ids ``(B, max_length)`` (or one row) → text context ``(B, max_length, D)`` (algorithm.md §5.1).
 
         Every token of the final-LayerNorm output goes through ``text_projection``; the result is
         divided by the norm of the projected pooled token, the one at ``argmax(ids)`` (the first
@@ -144,7 +144,7 @@ class CLIPContextEncoder(nn.Module):
 
     @torch.no_grad()
     def encode_image(self, images: torch.Tensor, masks: torch.Tensor | None = None) -> torch.Tensor:
-        """Images → image context ``(B, 1 + patches, D)`` = ``(B, 257, 768)`` for ViT-L/14 (SPEC §5.2–5.3).
+        """Images → image context ``(B, 1 + patches, D)`` = ``(B, 257, 768)`` for ViT-L/14 (algorithm.md §5.2–5.3).
 
         Args:
             images: ``(B, C, H, W)`` or ``(C, H, W)`` float in ``[0, 1]``, any size; C = 3, 4 (alpha
@@ -176,7 +176,7 @@ class CLIPContextEncoder(nn.Module):
         hidden = vision_model.embeddings(pixels.to(device=self.device, dtype=self.dtype))
         if weights is not None:
             weights = weights.to(device=self.device, dtype=self.dtype)
-            hidden = hidden * weights  # SPEC §5.3 step 4: after the position embeddings
+            hidden = hidden * weights  # algorithm.md §5.3 step 4: after the position embeddings
         hidden = vision_model.encoder(inputs_embeds=vision_model.pre_layrnorm(hidden)).last_hidden_state
         tokens = self.visual_projection(vision_model.post_layernorm(hidden))
         tokens = tokens / tokens[:, :1].norm(dim=-1, keepdim=True)

@@ -1,4 +1,4 @@
-"""Loading VD's CLIP context encoder from the files users have (SPEC §5).
+"""Loading VD's CLIP context encoder from the files users have (algorithm.md §5).
 
 A Hugging Face folder (openai/clip-vit-large-patch14), a single full ``CLIPModel`` weights file, a
 VD all-in-one checkpoint, or a state dict already in memory (ComfyUI's ``CLIP_VISION`` weights).
@@ -26,7 +26,7 @@ log = logging.getLogger(__name__)
 
 # Per tower: the transformer's key prefix and the projection head's module name (CLIPModel naming).
 TOWER_KEYS = {"text": ("text_model.", "text_projection"), "vision": ("vision_model.", "visual_projection")}
-# VD all-in-one checkpoints: the text tower of ctx.text and the vision tower of ctx.image (SPEC §1).
+# VD all-in-one checkpoints: the text tower of ctx.text and the vision tower of ctx.image (algorithm.md §1).
 VD_PREFIXES = {"text": "ctx.text.model.", "vision": "ctx.image.model."}
 WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
 FULL_CLIP_HINT = (

@@ -1,4 +1,4 @@
-"""The official CLIP preprocessing of VD's image context encoder (SPEC §5.2, §5.3).
+"""The official CLIP preprocessing of VD's image context encoder (algorithm.md §5.2, §5.3).
 
 Images become CLIP pixels exactly as the official code makes them: torchvision's ``ToPILImage``
 truncation to uint8, the CLIP processor's PIL bicubic resize of the shorter side, centre crop and
@@ -145,13 +145,13 @@ def check_images(images: torch.Tensor) -> torch.Tensor:
 
 
 def to_uint8(images: torch.Tensor) -> torch.Tensor:
-    """``trunc(x · 255)`` as uint8, computed in the images' dtype (SPEC §5.2 step 1: torchvision's
+    """``trunc(x · 255)`` as uint8, computed in the images' dtype (algorithm.md §5.2 step 1: torchvision's
     ``ToPILImage`` truncates, it does not round). ``(B, 3, H, W)`` in ``[0, 1]`` → uint8 on the CPU."""
     return (images.detach() * 255).to(device="cpu", dtype=torch.uint8)
 
 
 def resize_and_crop(images_u8: torch.Tensor, settings: CLIPImagePreprocessing) -> torch.Tensor:
-    """PIL resize of the shorter side to ``settings.shortest_edge`` and a centre crop (SPEC §5.2 step 2).
+    """PIL resize of the shorter side to ``settings.shortest_edge`` and a centre crop (algorithm.md §5.2 step 2).
 
     ``(B, 3, H, W)`` uint8 → ``(B, 3, S, S)`` uint8 with S = ``settings.crop_size``. Images run one by
     one through PIL, so the result is bit-identical to the official processor's.
@@ -194,7 +194,7 @@ def check_masks(masks: torch.Tensor, batch: int) -> torch.Tensor:
     Accepted: ``(B, 1, H, W)``, ``(B, H, W)`` or ``(H, W)``, float or bool, 1 = keep. Values are clamped
     to ``[0, 1]`` as the official encoder does. A mask batch of 1 is used for every image. The mask
     may have another size than its image: it is resized to the vision input size directly from its
-    own resolution (SPEC §5.3 step 1), so it only lines up with square images.
+    own resolution (algorithm.md §5.3 step 1), so it only lines up with square images.
 
     Raises:
         VDInputError: not a tensor of that shape, an integer dtype, NaN values, or a batch that is
@@ -218,7 +218,7 @@ def check_masks(masks: torch.Tensor, batch: int) -> torch.Tensor:
 
 
 def mask_token_weights(masks: torch.Tensor, image_size: int, patch_size: int) -> torch.Tensor | None:
-    """One weight per vision token from masks (SPEC §5.3 steps 1–3).
+    """One weight per vision token from masks (algorithm.md §5.3 steps 1–3).
 
     Args:
         masks: ``(B, 1, H, W)`` float32 in ``[0, 1]``, 1 = keep (see :func:`check_masks`).

@@ -1,4 +1,4 @@
-"""Finding the CLIP BPE tokenizer (SPEC §5.1) without ever downloading it.
+"""Finding the CLIP BPE tokenizer (algorithm.md §5.1) without ever downloading it.
 
 VD's text contexts use the tokenizer of ``openai/clip-vit-large-patch14``: lower-cased byte-level
 BPE, ``<|startoftext|>`` 49406, ``<|endoftext|>`` 49407 (also the padding token). Its two files,

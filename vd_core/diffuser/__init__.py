@@ -1,4 +1,4 @@
-"""The four-flow diffuser of Versatile Diffusion (SPEC §1–4): model, config, parts, loading."""
+"""The four-flow diffuser of Versatile Diffusion (algorithm.md §1–4): model, config, parts, loading."""
 
 from .config import DiffuserConfig
 from .four_flow import ContextInput, DiffuserParts, FourFlowDiffuser

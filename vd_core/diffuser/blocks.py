@@ -1,4 +1,4 @@
-"""The block lists of one diffuser half, built in walk order from the config (SPEC §4.1–4.2).
+"""The block lists of one diffuser half, built in walk order from the config (algorithm.md §4.1–4.2).
 
 Every element of the official lists is a one-child wrapper, which is why every key has a ``.0.``
 after the index (``image.data_blocks.4.0.in_layers.0.weight``); :class:`DataSlot` and
@@ -96,7 +96,7 @@ def build_text_data_blocks(config: DiffuserConfig) -> nn.ModuleList:
 
 def build_context_blocks(config: DiffuserConfig) -> nn.ModuleList:
     """``diffuser.<kind>.context_blocks``: one SpatialTransformer per ``c`` of the walk. Both kinds
-    have the same widths; the kind names the context they attend to, not the data (SPEC §1)."""
+    have the same widths; the kind names the context they attend to, not the data (algorithm.md §1)."""
     return nn.ModuleList(
         ContextSlot(SpatialTransformer(step.out_width, config.context_dim, config.num_heads))
         for step in walk(config.layout, config.model_channels, config.channel_mult)

@@ -1,8 +1,8 @@
-"""The diffuser's hyper-parameters, read from tensor shapes (SPEC §4; vd_reference README,
+"""The diffuser's hyper-parameters, read from tensor shapes (algorithm.md §4; vd_reference README,
 "Where a loader gets each hyper-parameter").
 
 Only the attention head count cannot be read from a file: the release uses 8 in both diffusers.
-GroupNorm always has 32 groups (SPEC §3.1, §3.3).
+GroupNorm always has 32 groups (algorithm.md §3.1, §3.3).
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ _CROSS_ATTENTION_KEY = "context_blocks.0.0.transformer_blocks.0.attn2.to_k.weigh
 @dataclass(frozen=True)
 class DiffuserConfig:
     """Sizes of the four-flow diffuser. Both halves share every width (their context layers are
-    interchangeable, SPEC §1); fields of a half that a file lacks are None.
+    interchangeable, algorithm.md §1); fields of a half that a file lacks are None.
 
     Attributes:
         model_channels: width of the first level (320 full size).
@@ -157,7 +157,7 @@ def _data_structure(state: Mapping[str, torch.Tensor], kind: str, source: str):
     """``(model_channels, level widths, res blocks per level)`` of one half's data blocks."""
     prefix = f"{kind}.data_blocks."
     count = _num_blocks(state, prefix)
-    # The last block starts with GroupNorm(model_channels) in both halves (SPEC §4.2 d29).
+    # The last block starts with GroupNorm(model_channels) in both halves (algorithm.md §4.2 d29).
     final_norm = state.get(f"{prefix}{count - 1}.0.0.weight")
     if final_norm is None or final_norm.dim() != 1:
         raise CheckpointError(f"{source}: {prefix}{count - 1} is not the output layer of a VD diffuser")

@@ -1,4 +1,4 @@
-"""The context layer of both diffusers: a one-block SpatialTransformer (SPEC §3.3).
+"""The context layer of both diffusers: a one-block SpatialTransformer (algorithm.md §3.3).
 
 Every context layer, in either diffuser, sees its input as an image (B, C, H, W) — the text
 diffuser's (B, C, second_dim, 1) activations are a second_dim×1 image — and cross-attends to the
@@ -35,7 +35,7 @@ class CrossAttention(nn.Module):
             return t.view(batch, t.shape[1], heads, dim // heads).transpose(1, 2)
 
         q, k, v = split_heads(self.to_q(x)), split_heads(self.to_k(context)), split_heads(self.to_v(context))
-        # SDPA's default scale is d_head^-0.5, the official one; no mask, no upcast (SPEC §3.3).
+        # SDPA's default scale is d_head^-0.5, the official one; no mask, no upcast (algorithm.md §3.3).
         out = F.scaled_dot_product_attention(q, k, v)
         return self.to_out(out.transpose(1, 2).reshape(batch, length, dim))
 

@@ -1,5 +1,5 @@
 """The four-flow diffuser: one walk over data layers chosen by the data's kind and context layers
-chosen by each context's kind (SPEC §1, §4).
+chosen by each context's kind (algorithm.md §1, §4).
 
 ``FourFlowDiffuser.image`` holds the shared time MLP, the image data layers and the image-context
 layers; ``.text`` the text data layers and the text-context layers. ``state_dict()`` keys are the
@@ -32,9 +32,9 @@ class ContextInput(NamedTuple):
 
     Attributes:
         kind: ``"text"`` (CLIP text tokens, N = 77) or ``"image"`` (CLIP image tokens, N = 257·k);
-            selects the context layers (SPEC §1).
+            selects the context layers (algorithm.md §1).
         tokens: (B, N, D) float, the batch of the data.
-        ratio: mixing weight; several contexts' ratios are normalised to sum 1 (SPEC §4.3).
+        ratio: mixing weight; several contexts' ratios are normalised to sum 1 (algorithm.md §4.3).
     """
 
     kind: Kind
@@ -45,7 +45,7 @@ class ContextInput(NamedTuple):
 @dataclass(frozen=True)
 class DiffuserParts:
     """Which layers to build/load. Any data part also brings the shared time MLP
-    (``image.time_embed``), which both data kinds use (SPEC §2.1)."""
+    (``image.time_embed``), which both data kinds use (algorithm.md §2.1)."""
 
     image_data: bool = False
     text_data: bool = False
@@ -127,7 +127,7 @@ class FourFlowDiffuser(nn.Module):
             t: (B,) model timesteps in [0, 999] (integer or fractional; a 0-d tensor is broadcast).
             contexts: one or more :class:`ContextInput`. With several, every context layer runs once
                 per context on the same input and the outputs are mixed by the normalised ratios
-                (SPEC §4.3 'attention'), for both data kinds. Tokens are cast to ``x``'s dtype.
+                (algorithm.md §4.3 'attention'), for both data kinds. Tokens are cast to ``x``'s dtype.
 
         Returns:
             ε, the shape and dtype of ``x``.
@@ -145,7 +145,7 @@ class FourFlowDiffuser(nn.Module):
         ]
         if t.dim() == 0:
             t = t.expand(x.shape[0])
-        # The time MLP is always the image diffuser's, at its width (SPEC §2.1, §4.3 bug 2 avoided).
+        # The time MLP is always the image diffuser's, at its width (algorithm.md §2.1, §4.3 bug 2 avoided).
         emb = self.image.time_embed(timestep_embedding(t.to(x.device), self.config.model_channels).to(x.dtype))
         h, skips, n_data, n_context = x, [], 0, 0
         for op in self._order:
@@ -223,7 +223,7 @@ def _data_kind(x: torch.Tensor) -> Kind:
 # and the compiled walk receives the ratios as inputs (symbolic after one recompilation).
 @torch.compiler.disable
 def normalised_ratios(contexts: Sequence[ContextInput]) -> list[float]:
-    """Ratios divided by their sum, in float64 as the official numpy code (SPEC §4.3)."""
+    """Ratios divided by their sum, in float64 as the official numpy code (algorithm.md §4.3)."""
     if not contexts:
         raise VDInputError("the diffuser needs at least one context")
     ratios = np.asarray([float(c.ratio) for c in contexts], dtype=np.float64)
@@ -235,7 +235,7 @@ def normalised_ratios(contexts: Sequence[ContextInput]) -> list[float]:
 
 def _mix(h: torch.Tensor, mixing: list, index: int) -> torch.Tensor:
     """Context layer ``index`` of every context on ``h``, mixed ``Σ r_i·block_i(h, c_i)``; each
-    output includes the residual, so this is ``h + Σ r_i·Δ_i`` (SPEC §4.3)."""
+    output includes the residual, so this is ``h + Σ r_i·Δ_i`` (algorithm.md §4.3)."""
     if len(mixing) == 1:
         blocks, tokens, _ = mixing[0]
         return blocks[index](h, tokens)  # the ratio normalises to exactly 1

@@ -1,4 +1,4 @@
-"""Data layers of the image diffuser (SPEC §3.1–3.2): the UNet res block and the resolution changes.
+"""Data layers of the image diffuser (algorithm.md §3.1–3.2): the UNet res block and the resolution changes.
 
 Module and child names reproduce the official state-dict keys (``in_layers.2``, ``out_layers.3``,
 ``op``, ``conv`` …); ``nn.Identity`` stands where the official code has a parameterless
@@ -15,15 +15,15 @@ from .config import NORM_GROUPS
 
 
 def group_norm(channels: int, eps: float = 1e-5) -> nn.GroupNorm:
-    """GroupNorm with the release's 32 groups (never upcast: SPEC §9)."""
+    """GroupNorm with the release's 32 groups (never upcast: algorithm.md §9)."""
     return nn.GroupNorm(NORM_GROUPS, channels, eps=eps)
 
 
 class ResBlock(nn.Module):
-    """``skip(x) + out_layers(in_layers(x) + emb_layers(emb))`` (SPEC §3.1).
+    """``skip(x) + out_layers(in_layers(x) + emb_layers(emb))`` (algorithm.md §3.1).
 
     ``kernel_size`` 3 for the image diffuser; the text diffuser reuses the block with 1×1
-    convolutions on its flattened activations (SPEC §3.4).
+    convolutions on its flattened activations (algorithm.md §3.4).
     """
 
     def __init__(self, in_channels: int, out_channels: int, emb_channels: int, kernel_size: int = 3):
@@ -80,10 +80,10 @@ class Upsample(nn.Module):
 
 
 def image_input_layer(in_channels: int, model_channels: int) -> nn.Conv2d:
-    """Conv 3×3: latent (B, 4, h, w) -> (B, model_channels, h, w) (SPEC §4.2 d00)."""
+    """Conv 3×3: latent (B, 4, h, w) -> (B, model_channels, h, w) (algorithm.md §4.2 d00)."""
     return nn.Conv2d(in_channels, model_channels, 3, padding=1)
 
 
 def image_output_layer(model_channels: int, out_channels: int) -> nn.Sequential:
-    """GroupNorm → SiLU → Conv 3×3: (B, model_channels, h, w) -> ε (B, 4, h, w) (SPEC §4.2 d29)."""
+    """GroupNorm → SiLU → Conv 3×3: (B, model_channels, h, w) -> ε (B, 4, h, w) (algorithm.md §4.2 d29)."""
     return nn.Sequential(group_norm(model_channels), nn.SiLU(), nn.Conv2d(model_channels, out_channels, 3, padding=1))

@@ -1,13 +1,13 @@
 """The block order of both diffusers and the pre-2023 key layout, built from the structure alone.
 
 Both diffusers store two flat lists, ``data_blocks`` and ``context_blocks``, and walk them in one
-fixed order (SPEC §4.1): ``d`` runs the next data block, ``c`` the next context block, ``S`` pushes
+fixed order (algorithm.md §4.1): ``d`` runs the next data block, ``c`` the next context block, ``S`` pushes
 the activation on the skip stack, ``L`` pops it and concatenates it after the activation along
 channels. The order depends only on the res blocks per level and on which levels carry context
 layers (:class:`BlockLayout`).
 
 The pre-2023 checkpoints named the same blocks Stable-Diffusion style
-(``input_blocks.i.j`` / ``middle_block.j`` / ``output_blocks.i.j`` / ``out.j``, SPEC §4.2);
+(``input_blocks.i.j`` / ``middle_block.j`` / ``output_blocks.i.j`` / ``out.j``, algorithm.md §4.2);
 :func:`legacy_key_map` rebuilds that naming from the same structure.
 """
 
@@ -17,7 +17,7 @@ import itertools
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 
-# The walk's operations, in the SPEC's notation (§4.1).
+# The walk's operations, in docs/algorithm.md's notation (§4.1).
 DATA, CONTEXT, PUSH, CONCAT = "d", "c", "S", "L"
 
 # Roles of data blocks: the first and last layer, a res block (ResBlock / FCBlock), and the
@@ -34,7 +34,7 @@ class BlockLayout:
     Attributes:
         num_res_blocks: res blocks per level on the way down (the way up has one more per level).
         context_levels: per level, whether each of its res blocks is followed by a context layer.
-            The middle block always has one (SPEC §4.1 ``m_order = d c d``).
+            The middle block always has one (algorithm.md §4.1 ``m_order = d c d``).
     """
 
     num_res_blocks: tuple[int, ...]
@@ -56,7 +56,7 @@ class Step:
 
 
 def walk(layout: BlockLayout, model_channels: int, channel_mult: Sequence[int]) -> Iterator[Step]:
-    """The execution order of one diffuser (SPEC §4.1 ``i_order + m_order + o_order``), with the
+    """The execution order of one diffuser (algorithm.md §4.1 ``i_order + m_order + o_order``), with the
     channel count of every block; widths are in channels (the text diffuser multiplies them by
     its second_dim internally)."""
     last = len(channel_mult) - 1
@@ -141,7 +141,7 @@ def infer_context_levels(
 
 
 def _legacy_block_names(layout: BlockLayout) -> Iterator[tuple[str, str]]:
-    """(legacy block prefix, DATA or CONTEXT) of one pre-2023 UNet, in execution order (SPEC §4.2)."""
+    """(legacy block prefix, DATA or CONTEXT) of one pre-2023 UNet, in execution order (algorithm.md §4.2)."""
     levels = len(layout.num_res_blocks)
     yield "input_blocks.0.0.", DATA
     index = 1
@@ -224,7 +224,7 @@ def sd_unet_prefixes(layout: BlockLayout, context_kind: str) -> dict[str, str]:
     """Prefixes of :class:`FourFlowDiffuser` keys → Stable Diffusion 1.x UNet names, for the image
     UNet with the context layers of one kind (``text.context_blocks.0.0.`` → ``input_blocks.1.1.``).
 
-    VD's image data layers plus one kind of context layers are exactly an SD 1.x UNet (SPEC §4.2):
+    VD's image data layers plus one kind of context layers are exactly an SD 1.x UNet (algorithm.md §4.2):
     this is the pre-2023 map with its ``model.diffusion_model.unet_<kind>.`` roots removed. The
     image half supplies the data blocks and the time MLP, ``context_kind`` the context blocks.
     """

@@ -1,4 +1,4 @@
-"""Loading diffuser weights from any released layout (SPEC §4.2; vd_reference README).
+"""Loading diffuser weights from any released layout (algorithm.md §4.2; vd_reference README).
 
 Accepted files (safetensors or ``torch.save`` of plain tensors, read by
 :func:`vd_core.checkpoint.read_state_dict`):
@@ -161,7 +161,7 @@ def _check_parts_present(state: Mapping[str, torch.Tensor], parts: DiffuserParts
     halves = {kind for kind in KINDS if any(k.startswith(f"{kind}.") for k in state)}
     needed = {kind for kind in KINDS if parts.has_data(kind) or parts.has_context(kind)}
     if parts.time_embed:
-        needed.add("image")  # the shared time MLP lives in the image half (SPEC §2.1)
+        needed.add("image")  # the shared time MLP lives in the image half (algorithm.md §2.1)
     if len(halves) == 1 and needed - halves:
         (half,) = halves
         raise CheckpointError(

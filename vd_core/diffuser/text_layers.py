@@ -1,4 +1,4 @@
-"""Data layers of the text diffuser (SPEC §3.4).
+"""Data layers of the text diffuser (algorithm.md §3.4).
 
 The text diffuser works on activations shaped (B, C, second_dim, 1). Its res blocks see them
 flattened channel-major to (B, C·second_dim, 1, 1), which makes a GroupNorm group exactly C/32
@@ -62,7 +62,7 @@ def _as_linear(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
 
 
 def text_input_layer(latent_dim: int, model_channels: int, second_dim: int) -> LinearMultiDim:
-    """Text latent (B, L) -> (B, model_channels, second_dim, 1) (SPEC §4.2 d00)."""
+    """Text latent (B, L) -> (B, model_channels, second_dim, 1) (algorithm.md §4.2 d00)."""
     return LinearMultiDim((latent_dim,), (model_channels, second_dim, 1))
 
 
@@ -72,7 +72,7 @@ def text_resample_layer(channels: int, second_dim: int) -> LinearMultiDim:
 
 
 def text_output_layer(model_channels: int, second_dim: int, latent_dim: int) -> nn.Sequential:
-    """GroupNorm(32, model_channels) per channel → SiLU → Linear: (B, C, S, 1) -> ε (B, L) (SPEC §3.4)."""
+    """GroupNorm(32, model_channels) per channel → SiLU → Linear: (B, C, S, 1) -> ε (B, L) (algorithm.md §3.4)."""
     return nn.Sequential(
         group_norm(model_channels), nn.SiLU(), LinearMultiDim((model_channels, second_dim, 1), (latent_dim,))
     )

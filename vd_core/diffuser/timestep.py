@@ -1,4 +1,4 @@
-"""The sinusoidal timestep embedding of SPEC §2.1 (cosine half first)."""
+"""The sinusoidal timestep embedding of algorithm.md §2.1 (cosine half first)."""
 
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -
         (B, dim) float32 in [-1, 1]; callers cast it to the data dtype (as the official code).
     """
     half = dim // 2
-    # The denominator is `half`, not `half - 1` (SPEC §2.1); computed in float32 as the official.
+    # The denominator is `half`, not `half - 1` (algorithm.md §2.1); computed in float32 as the official.
     freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
     args = t[:, None].float() * freqs[None]
     return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)

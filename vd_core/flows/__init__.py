@@ -1,4 +1,4 @@
-"""The VD flows (SPEC §8, §10): one function per flow, plus the low-level sampling the nodes use.
+"""The VD flows (algorithm.md §8, §10): one function per flow, plus the low-level sampling the nodes use.
 
 Every function takes a ``VDModels`` bundle (``vd_core.models.load_models``) and plain tensors:
 images ``(B, 3, H, W)`` in [0, 1], masks ``(B, 1, H, W)`` with 1 = keep, unscaled image latents.

@@ -1,9 +1,9 @@
-"""Building guided contexts from prompts and images (SPEC §5, §7.3, §8).
+"""Building guided contexts from prompts and images (algorithm.md §5, §7.3, §8).
 
 Each builder returns one :class:`GuidedContext` with the unconditional tokens the official WebUI
 pairs it with: the empty prompt for text; zeros for images (image variation and the image slots
 of dual/multi-context), and, for the text flow only, the CLIP context of a black image (the
-official image→text contrast, SPEC §11.11).
+official image→text contrast, algorithm.md §11.11).
 """
 
 from __future__ import annotations
@@ -56,7 +56,7 @@ def text_context(clip, prompt: str, negative: str = "") -> GuidedContext:
 
     Args:
         clip: ``CLIPContextEncoder``.
-        prompt, negative: strings; the official unconditional is the empty prompt (SPEC §8).
+        prompt, negative: strings; the official unconditional is the empty prompt (algorithm.md §8).
 
     Returns:
         ``GuidedContext("text", cond (1, 77, D), uncond (1, 77, D))``.
@@ -79,9 +79,9 @@ def image_context(
     Args:
         clip: ``CLIPContextEncoder``.
         image: ``(B, 3, H, W)`` in [0, 1]; each batch item gives one context row.
-        mask: optional ``(1 | B, 1, H, W)`` in [0, 1], 1 = keep (SPEC §5.3).
-        focus: 0 (semantic) … 0.5 (unchanged) … 1 (style), on the 256 local tokens (SPEC §8.1).
-        weight: multiplies the conditional tokens (the Multi-Context slot weight, SPEC §8).
+        mask: optional ``(1 | B, 1, H, W)`` in [0, 1], 1 = keep (algorithm.md §5.3).
+        focus: 0 (semantic) … 0.5 (unchanged) … 1 (style), on the 256 local tokens (algorithm.md §8.1).
+        weight: multiplies the conditional tokens (the Multi-Context slot weight, algorithm.md §8).
 
     Returns:
         ``GuidedContext("image", cond (B, 257, D), uncond zeros, text_flow_uncond = CLIP(black))``.
@@ -101,7 +101,7 @@ def image_context(
 
 def black_image_context(clip, like: torch.Tensor) -> torch.Tensor:
     """``(1, 257, D)`` CLIP context of an all-black image shaped like ``like`` (any size gives the
-    same): the image→text unconditional (SPEC §8), computed once per encoder, device and dtype."""
+    same): the image→text unconditional (algorithm.md §8), computed once per encoder, device and dtype."""
     cached = _BLACK_CONTEXTS.get(clip)
     if cached is None or (cached.device, cached.dtype) != (clip.device, clip.dtype):
         cached = clip.encode_image(torch.zeros_like(like[:1]))
@@ -112,7 +112,7 @@ def black_image_context(clip, like: torch.Tensor) -> torch.Tensor:
 def mix_contexts(groups: Sequence[Sequence[GuidedContext]], strengths: Sequence[float]) -> tuple[GuidedContext, ...]:
     """Concatenate context groups, scaling each group's ratios to sum to its strength.
 
-    The diffuser normalises all ratios to sum 1 (SPEC §4.3), so strengths (0.3, 0.7) and (3, 7)
+    The diffuser normalises all ratios to sum 1 (algorithm.md §4.3), so strengths (0.3, 0.7) and (3, 7)
     mix alike. A group of strength 0 is left out: it would add 0·Δ.
 
     Args:

@@ -1,7 +1,7 @@
-"""Dual context (SPEC §8 "Dual-Context"): one image and one prompt guide the same image.
+"""Dual context (algorithm.md §8 "Dual-Context"): one image and one prompt guide the same image.
 
-Text strength τ gives the text context ratio τ and the image context 1 − τ (SPEC §4.3 attention
-mixing, SPEC §7.3 guidance per context). An empty prompt or τ = 0 is plain image variation
+Text strength τ gives the text context ratio τ and the image context 1 − τ (algorithm.md §4.3 attention
+mixing, algorithm.md §7.3 guidance per context). An empty prompt or τ = 0 is plain image variation
 guidance; τ = 1 leaves only the text (the official still evaluates the image at ratio 0).
 It is multi-context generation with a single, unmasked image slot of weight 1.
 """
@@ -36,7 +36,7 @@ def dual_context(
         prompt: the text context (may be empty); negative: its unconditional prompt.
         image: ``(1 | n, 3, H, W)`` in [0, 1].
         text_strength: τ ∈ [0, 1], the WebUI's "Text Domination".
-        focus: the image context's semantic ↔ style focus (SPEC §8.1).
+        focus: the image context's semantic ↔ style focus (algorithm.md §8.1).
         width, height: output size; default from the image's aspect ratio (longer side 512).
         options, init_latent, denoise: as for ``text_to_image``.
 

@@ -1,4 +1,4 @@
-"""Image editing through text, I2T2I (SPEC §10; offline in the Feb 2023 WebUI, restored here).
+"""Image editing through text, I2T2I (algorithm.md §10; offline in the Feb 2023 WebUI, restored here).
 
 1. Sample ``n`` Optimus text latents from the image (the image→text flow).
 2. Edit them in the Optimus latent space: remove the component along the negative prompt's latent
@@ -25,13 +25,13 @@ from .sampling import check_count, check_image_size, make_noise, sample_image, s
 
 log = logging.getLogger(__name__)
 
-# SPEC §10 steps 6–7: the legacy I2T2I constants.
+# algorithm.md §10 steps 6–7: the legacy I2T2I constants.
 IMAGE_RATIO, TEXT_RATIO = 0.33, 0.67
 LOCAL_TOKEN_RANK = 10
 
 
 def edit_text_latents(latents: torch.Tensor, negative: torch.Tensor | None, positive: torch.Tensor) -> torch.Tensor:
-    """``z − (z·n̂)·n̂ + p`` for every row of ``latents`` (SPEC §10 step 3).
+    """``z − (z·n̂)·n̂ + p`` for every row of ``latents`` (algorithm.md §10 step 3).
 
     Args:
         latents: ``(n, L)`` sampled text latents.
@@ -101,7 +101,7 @@ def edit_image_with_text(
 
     text_cond = torch.cat([clip.encode_text(sentences), clip.encode_text([positive]).expand(n, -1, -1)], dim=1)
     empty = clip.encode_text([""])
-    image_cond = low_rank_tokens(seen.cond[:, 1:], LOCAL_TOKEN_RANK)  # global token dropped (SPEC §10)
+    image_cond = low_rank_tokens(seen.cond[:, 1:], LOCAL_TOKEN_RANK)  # global token dropped (algorithm.md §10)
     contexts = [
         GuidedContext("image", image_cond, black_image_context(clip, resized)[:, 1:], ratio=IMAGE_RATIO),
         GuidedContext("text", text_cond, torch.cat([empty, empty], dim=1), ratio=TEXT_RATIO),

@@ -1,8 +1,8 @@
-"""Preparing input images and masks at the output size, as the official WebUI does (SPEC §8).
+"""Preparing input images and masks at the output size, as the official WebUI does (algorithm.md §8).
 
 The WebUI resizes every input image with PIL bicubic and every sketch mask with PIL bilinear to
 the output size before CLIP, the VAE and the colour reference see them. It squashes everything to
-512×512 (SPEC §11.12); here the output size keeps the input's aspect ratio by default.
+512×512 (algorithm.md §11.12); here the output size keeps the input's aspect ratio by default.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from PIL import Image
 
 from ..validation import check_image_values
 
-# VD was trained at 512×512: the default output puts the longer side there (SPEC §8).
+# VD was trained at 512×512: the default output puts the longer side there (algorithm.md §8).
 DEFAULT_LONG_SIDE = 512
 
 

@@ -1,4 +1,4 @@
-"""Image → text (SPEC §8 "Image-to-Text"): CLIP-image(image) against CLIP-image(black image),
+"""Image → text (algorithm.md §8 "Image-to-Text"): CLIP-image(image) against CLIP-image(black image),
 text flow, Optimus decode."""
 
 from __future__ import annotations
@@ -25,9 +25,9 @@ def image_to_text(
     Args:
         models: ``VDModels`` with the diffuser, CLIP and Optimus.
         image: ``(1 | n, 3, H, W)`` in [0, 1], any size: CLIP resizes and centre-crops it itself
-            (SPEC §5.2), so it is not squashed to 512×512 first as in the WebUI.
+            (algorithm.md §5.2), so it is not squashed to 512×512 first as in the WebUI.
         n: number of sentences (the WebUI's 4).
-        clean_up: remove immediately repeated words/phrases (the WebUI does, SPEC §8.3).
+        clean_up: remove immediately repeated words/phrases (the WebUI does, algorithm.md §8.3).
         options: sampling options (official defaults when ``None``).
 
     Returns:

@@ -1,7 +1,7 @@
-"""Image variation (SPEC §8 "Image-Variation"): CLIP-image(image) with focus, against zeros.
+"""Image variation (algorithm.md §8 "Image-Variation"): CLIP-image(image) with focus, against zeros.
 
-The WebUI's detail controls are all here: fidelity (how much of the input latent to keep, SPEC
-§7.4), focus (semantic ↔ style, SPEC §8.1) and the "Simple" colour adjustment (SPEC §8.2). Unlike
+The WebUI's detail controls are all here: fidelity (how much of the input latent to keep, algorithm.md
+§7.4), focus (semantic ↔ style, algorithm.md §8.1) and the "Simple" colour adjustment (algorithm.md §8.2). Unlike
 the WebUI, which squashes every input to 512×512, the output keeps the input's aspect ratio by
 default (longer side 512, see ``image_prep.default_output_size``).
 """
@@ -39,8 +39,8 @@ def image_variation(
         n: number of images.
         fidelity: 0 (sample from noise, the default) … 1 (return the input). In between, the
             official path: a VAE posterior sample of the input, noised, and the last
-            ``int(steps·(1 − fidelity))`` DDIM steps (SPEC §7.4).
-        focus: 0 semantic … 0.5 neutral … 1 style (SPEC §8.1).
+            ``int(steps·(1 − fidelity))`` DDIM steps (algorithm.md §7.4).
+        focus: 0 semantic … 0.5 neutral … 1 style (algorithm.md §8.1).
         color_adjust: ``"simple"`` (the WebUI default: match each output's per-channel mean/std
             to the input) or ``"none"``.
         width, height: output size (multiples of 8); default: the input's aspect ratio with the

@@ -1,4 +1,4 @@
-"""Multi context (SPEC §8 "Multi-Context" / "Triple-Context"): a prompt and any number of images,
+"""Multi context (algorithm.md §8 "Multi-Context" / "Triple-Context"): a prompt and any number of images,
 each optionally masked, weighted and focused.
 
 Every image slot gives a (masked) CLIP image context with focus on its local tokens, multiplied by
@@ -37,7 +37,7 @@ class ImageSlot(NamedTuple):
         image: ``(1 | n, 3, H, W)`` in [0, 1].
         mask: optional ``(1 | B, 1, H, W)`` in [0, 1], 1 = keep (the WebUI's sketch, inverted).
         weight: multiplies this slot's tokens (the WebUI's "Weight", 0…1, default 1).
-        focus: semantic ↔ style focus of this slot (SPEC §8.1).
+        focus: semantic ↔ style focus of this slot (algorithm.md §8.1).
     """
 
     image: torch.Tensor
@@ -107,7 +107,7 @@ def multi_context(
 def join_image_contexts(
     images: Sequence[GuidedContext], text: Sequence[GuidedContext] | None, text_strength: float
 ) -> tuple[GuidedContext, ...]:
-    """The WebUI's Multi-Context conditioning (SPEC §8): the image contexts' tokens concatenated into
+    """The WebUI's Multi-Context conditioning (algorithm.md §8): the image contexts' tokens concatenated into
     ONE image context (257·k tokens (B, 257·k, D), unconditional zeros) of ratio 1 − τ, plus the text
     context of ratio τ when one is given and τ > 0 (text first: the official order).
 

@@ -14,7 +14,7 @@ MAX_GUIDANCE = 100.0  # ComfyUI's KSampler cfg limit; far above it the result is
 
 @dataclass
 class SamplingOptions:
-    """How to sample. Defaults are the official WebUI's (SPEC §8): 50 DDIM steps, η 0, guidance 7.5.
+    """How to sample. Defaults are the official WebUI's (algorithm.md §8): 50 DDIM steps, η 0, guidance 7.5.
 
     Attributes:
         steps: number of sampler steps (≥ 1).

@@ -1,5 +1,5 @@
-"""What the flows return, and the shared decode steps: images (SPEC §6.1, §8.2) and texts
-(SPEC §6.2, §8.3)."""
+"""What the flows return, and the shared decode steps: images (algorithm.md §6.1, §8.2) and texts
+(algorithm.md §6.2, §8.3)."""
 
 from __future__ import annotations
 
@@ -37,7 +37,7 @@ def check_color_adjust(color_adjust: str) -> str:
 
 def decode_images(image_vae, latents: torch.Tensor, color_reference: torch.Tensor | None = None) -> ImageFlowResult:
     """Decode unscaled latents; with ``color_reference`` ``(1 | n, 3, H, W)``, match colours to it
-    (the WebUI's "Simple" adjustment, SPEC §8.2)."""
+    (the WebUI's "Simple" adjustment, algorithm.md §8.2)."""
     images = image_vae.decode(latents)
     if color_reference is not None:
         images = match_color_simple(images, color_reference.to(device=images.device, dtype=images.dtype))
@@ -48,8 +48,8 @@ def decode_texts(optimus, latents: torch.Tensor, noise: NoiseSource, clean_up: b
     """Sample one sentence per text latent ``(n, L)`` with the official Optimus sampler.
 
     The tokens are drawn from the run's generator, continuing after the diffusion steps as the
-    WebUI's global RNG does (SPEC §7.4); with per-item seeds, sentence i uses item i's generator.
-    ``clean_up`` applies the WebUI's duplicate-word removal (SPEC §8.3).
+    WebUI's global RNG does (algorithm.md §7.4); with per-item seeds, sentence i uses item i's generator.
+    ``clean_up`` applies the WebUI's duplicate-word removal (algorithm.md §8.3).
     """
     if isinstance(noise, PerItemNoise):
         texts = [optimus.decode(z[None], generator=g)[0] for z, g in zip(latents, noise.generators)]

@@ -2,9 +2,9 @@
 
 The two entry points, :func:`sample_image` and :func:`sample_text`, are what the ComfyUI nodes and
 the high-level flows call. They validate the user's values, pick the exact official DDIM sampler
-(SPEC §7) or a k-diffusion-style sampler, apply classifier-free guidance over any number of
-contexts (SPEC §7.3), and convert image latents between the public unscaled convention and the
-diffusion space (``× LATENT_SCALE``, SPEC §6.1) at this boundary only.
+(algorithm.md §7) or a k-diffusion-style sampler, apply classifier-free guidance over any number of
+contexts (algorithm.md §7.3), and convert image latents between the public unscaled convention and the
+diffusion space (``× LATENT_SCALE``, algorithm.md §6.1) at this boundary only.
 """
 
 from __future__ import annotations
@@ -74,7 +74,7 @@ def check_count(n: int, what: str = "n") -> None:
 
 
 def check_image_size(width: int, height: int) -> None:
-    """Sizes must be positive multiples of 8: the image VAE downsamples by 8 (SPEC §6.1)."""
+    """Sizes must be positive multiples of 8: the image VAE downsamples by 8 (algorithm.md §6.1)."""
     for name, value in (("width", width), ("height", height)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 8 or value % 8:
             fix = max(8, 8 * round(value / 8)) if isinstance(value, (int, float)) and value > 0 else 512
@@ -85,11 +85,11 @@ def make_noise(options: SamplingOptions, n: int) -> NoiseSource:
     """The run's noise source (see :class:`SamplingOptions`: official order or one seed per item)."""
     if options.per_item_seeds:
         return PerItemNoise([generator_seed(options.seed, i) for i in range(n)])
-    return BatchNoise(generator_seed(options.seed, 100))  # the WebUI's torch.manual_seed(seed + 100), SPEC §8
+    return BatchNoise(generator_seed(options.seed, 100))  # the WebUI's torch.manual_seed(seed + 100), algorithm.md §8
 
 
 def encode_start_latent(image_vae, images: torch.Tensor, noise: NoiseSource, n: int) -> torch.Tensor:
-    """A VAE posterior sample of ``images`` to start image-to-image from, drawn first (SPEC §7.4).
+    """A VAE posterior sample of ``images`` to start image-to-image from, drawn first (algorithm.md §7.4).
 
     The WebUI encodes its one input image once, from the run's generator, and repeats the sample
     to the batch; with per-item seeds each item draws its own sample, as a single run would.
@@ -133,7 +133,7 @@ def sample_image(
         init_latent: optional **unscaled** ``(1 | n, 4, height/8, width/8)`` latent to start from.
         denoise: how much of the schedule to run from ``init_latent`` (0…1): the last
             ``int(steps·denoise)`` steps (DDIM: the official fidelity path from the noised latent,
-            SPEC §7.4) or ``round(steps·denoise)`` steps (k-samplers) of a ``steps``-step
+            algorithm.md §7.4) or ``round(steps·denoise)`` steps (k-samplers) of a ``steps``-step
             schedule. 0 returns ``init_latent``; 1 (or no ``init_latent``) starts from pure noise.
         noise: the run's noise source when the caller already drew from it (a VAE posterior
             sample); ``None`` makes one from ``options``.
@@ -171,7 +171,7 @@ def sample_text(
     options: SamplingOptions,
     noise: NoiseSource | None = None,
 ) -> torch.Tensor:
-    """Sample ``n`` Optimus text latents (no latent scaling for text, SPEC §6.2).
+    """Sample ``n`` Optimus text latents (no latent scaling for text, algorithm.md §6.2).
 
     Args:
         diffuser: ``FourFlowDiffuser`` with the text data layers and the contexts' layers.
@@ -217,7 +217,7 @@ def _guided_eps(diffuser, contexts, data_kind: ContextKind, n, options, device, 
     for i, c in enumerate(contexts):
         check_finite_number(c.ratio, f"the strength (ratio) of context {i + 1} ({c.kind})", "use a value in 0 … 1")
         check_finite(c.cond, f"the {c.kind} context {i + 1}", "encode the prompt or image again")
-    kept = [c for c in contexts if c.ratio > 0]  # a zero-ratio context adds 0·Δ (SPEC §4.3)
+    kept = [c for c in contexts if c.ratio > 0]  # a zero-ratio context adds 0·Δ (algorithm.md §4.3)
     if not kept:
         raise VDInputError("every context has strength 0; give at least one a strength above 0")
 
@@ -239,7 +239,7 @@ def run_sampler(eps, like: torch.Tensor, options: SamplingOptions, noise: NoiseS
         eps: ``EpsModel`` ``(x (B, ...), t (B,)) -> ε`` with guidance applied (a host may supply its
             own, e.g. ComfyUI's guided denoiser).
         like: a zero tensor of the sample's shape, dtype and device.
-        noise: the run's noise source; its first draw is the start noise (SPEC §7.4).
+        noise: the run's noise source; its first draw is the start noise (algorithm.md §7.4).
         x0: optional scaled start latent; with ``denoise`` < 1 it selects image-to-image.
     """
     if not 0.0 <= denoise <= 1.0:
@@ -250,7 +250,7 @@ def run_sampler(eps, like: torch.Tensor, options: SamplingOptions, noise: NoiseS
         ddim = {"eta": _eta(options), "noise": noise, **hooks}
         if not from_x0:
             return sample_ddim(eps, noise(like), options.steps, **ddim)
-        k = int(options.steps * denoise)  # the WebUI's int(steps·(1 − fidelity)), SPEC §8
+        k = int(options.steps * denoise)  # the WebUI's int(steps·(1 − fidelity)), algorithm.md §8
         if k == 0:
             return x0
         x, start_step = ddim_noised_start(x0, options.steps, k, noise)

@@ -1,4 +1,4 @@
-"""Text → image (SPEC §8 "Text-to-Image"): CLIP-text(prompt) against CLIP-text(negative or "")."""
+"""Text → image (algorithm.md §8 "Text-to-Image"): CLIP-text(prompt) against CLIP-text(negative or "")."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Text variation (SPEC §8 "Text-Variation"): CLIP-text(prompt) against CLIP-text(""), text flow,
+"""Text variation (algorithm.md §8 "Text-Variation"): CLIP-text(prompt) against CLIP-text(""), text flow,
 Optimus decode."""
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ def text_variation(
         models: ``VDModels`` with the diffuser, CLIP and Optimus.
         prompt: the sentence to vary; negative: the unconditional prompt (the WebUI's is "").
         n: number of sentences (the WebUI's 4).
-        clean_up: remove immediately repeated words/phrases (SPEC §8.3).
+        clean_up: remove immediately repeated words/phrases (algorithm.md §8.3).
         options: sampling options (official defaults when ``None``).
 
     Returns:

@@ -1,4 +1,4 @@
-"""Building blocks of the kl-f8 image autoencoder (LDM ``AutoencoderKL``; SPEC §6.1).
+"""Building blocks of the kl-f8 image autoencoder (LDM ``AutoencoderKL``; algorithm.md §6.1).
 
 Module and attribute names follow the LDM state-dict layout (``encoder.down.{i}.block.{j}.conv1``,
 ``decoder.up.{i}.upsample.conv``, ``mid.attn_1.q`` …) so released ``kl-f8.pth`` files load
@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-# SPEC §6.1: every normalisation of the VAE is GroupNorm with 32 groups and eps 1e-6
+# algorithm.md §6.1: every normalisation of the VAE is GroupNorm with 32 groups and eps 1e-6
 # (the diffuser's ResBlocks use eps 1e-5; the VAE differs).
 GROUP_NORM_GROUPS = 32
 GROUP_NORM_EPS = 1e-6
@@ -75,7 +75,7 @@ class Downsample(nn.Module):
     """Stride-2 conv3×3 after zero padding of one pixel on the right and bottom only.
 
     (B, C, H, W) → (B, C, H/2, W/2). The asymmetric (0, 1, 0, 1) padding is what the LDM
-    weights were trained with (SPEC §6.1); symmetric padding 1 would shift the result.
+    weights were trained with (algorithm.md §6.1); symmetric padding 1 would shift the result.
     """
 
     def __init__(self, channels: int):

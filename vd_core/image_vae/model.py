@@ -1,4 +1,4 @@
-"""The kl-f8 image VAE of Versatile Diffusion (LDM ``AutoencoderKL``, the SD 1.x VAE; SPEC §6.1).
+"""The kl-f8 image VAE of Versatile Diffusion (LDM ``AutoencoderKL``, the SD 1.x VAE; algorithm.md §6.1).
 
 Images ``(B, 3, H, W)`` in [0, 1] ↔ **unscaled** latents ``(B, 4, H/8, W/8)``. The diffusion
 space is ``latent × LATENT_SCALE``; that scaling belongs to the flows and samplers, never to this
@@ -24,9 +24,9 @@ from ..validation import check_finite, check_image_values, check_result
 log = logging.getLogger(__name__)
 
 LATENT_SCALE = 0.18215
-"""Multiply an unscaled kl-f8 latent by this to get the diffusion latent (SPEC §6.1)."""
+"""Multiply an unscaled kl-f8 latent by this to get the diffusion latent (algorithm.md §6.1)."""
 
-# SPEC §6.1 / LDM DiagonalGaussianDistribution: the log-variance is clamped before use.
+# algorithm.md §6.1 / LDM DiagonalGaussianDistribution: the log-variance is clamped before use.
 LOGVAR_MIN, LOGVAR_MAX = -30.0, 20.0
 
 # Where the VAE sits inside larger files: an all-in-one VD state dict, a full SD checkpoint.
@@ -124,7 +124,7 @@ class ImageVAE(nn.Module):
         """Posterior of images ``(B, 3, H, W)`` in [0, 1] → ``(mean, logvar)``, each ``(B, 4, H/8, W/8)``
         float32, logvar clamped to [−30, 20]. H and W must be multiples of 8 (else VDInputError)."""
         self._check_images(images)
-        x = images.to(device=self.device, dtype=self.dtype) * 2 - 1  # the VAE works in [-1, 1] (SPEC §6.1)
+        x = images.to(device=self.device, dtype=self.dtype) * 2 - 1  # the VAE works in [-1, 1] (algorithm.md §6.1)
         moments = check_result(self.quant_conv(self.encoder(x)).float(), "the image VAE's encoding",
                                "the image VAE weights are probably damaged (NaN/inf in the file): download it again")
         mean, logvar = moments.chunk(2, dim=1)
@@ -137,7 +137,7 @@ class ImageVAE(nn.Module):
         Without a generator: the posterior mean (deterministic). With one: a posterior sample
         ``mean + exp(logvar/2)·n``, ``n ~ N(0, 1)`` drawn in float32 over the whole batch from
         ``generator`` on its own device — the official sample after ``torch.manual_seed(s)``
-        equals this with a CPU generator seeded ``s`` (SPEC §6.1, §7.4).
+        equals this with a CPU generator seeded ``s`` (algorithm.md §6.1, §7.4).
         """
         mean, logvar = self.encode_moments(images)
         if generator is None:

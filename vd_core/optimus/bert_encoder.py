@@ -1,4 +1,4 @@
-"""The Optimus encoder: BERT-base-cased with the latent connector (SPEC §6.2, "Encoder").
+"""The Optimus encoder: BERT-base-cased with the latent connector (algorithm.md §6.2, "Encoder").
 
 Post-LN transformer, erf GELU, LayerNorm eps 1e-12, additive −10000 for padded keys, token
 type 0, pooler = tanh(Linear) of the first token, then ``linear`` (no bias) to ``2·L`` values
@@ -207,7 +207,7 @@ class BertLatentEncoder(nn.Module):
             )
         dtype = self.linear.weight.dtype
         keep = (token_ids > 0).to(dtype)[:, None, None, :]
-        additive_mask = (1.0 - keep) * -10000.0  # SPEC §6.2: additive −10000, not −inf
+        additive_mask = (1.0 - keep) * -10000.0  # algorithm.md §6.2: additive −10000, not −inf
         h = self.encoder(self.embeddings(token_ids), additive_mask)
         mean, _logvar = self.linear(self.pooler(h)).chunk(2, dim=-1)
         return mean

@@ -1,10 +1,10 @@
-"""Turning Optimus latents into token ids and captions (SPEC §6.2, ``decode`` steps 1–4).
+"""Turning Optimus latents into token ids and captions (algorithm.md §6.2, ``decode`` steps 1–4).
 
 Small pure functions:
 
 * :func:`filter_logits` — the official top-k / top-p filter. With the official ``top_p = 1.0`` it
   is *not* a no-op: the cumulative softmax of the sorted logits overshoots 1.0 in float32 and
-  the tail beyond the first crossing is removed (SPEC §11.6).
+  the tail beyond the first crossing is removed (algorithm.md §11.6).
 * :func:`generate_ids` — the decoding loop: start at ``<BOS>``, stop at ``<EOS>`` or, at
   ``max_length`` tokens (``<BOS>`` included), overwrite the last token with ``<EOS>``. With a KV
   cache only the new token is run each step; without, the whole prefix is recomputed (the
@@ -28,7 +28,7 @@ from .tokenizers import GPT2BPETokenizer
 Picker = Callable[[torch.Tensor], torch.Tensor]  # float32 logits (B, V) -> next ids (B,)
 
 # The official clean-up (``clean_up_tokenization_spaces=True``), applied in this order.
-# " do not" -> " don't" is an official quirk (SPEC §11.7), kept on purpose.
+# " do not" -> " don't" is an official quirk (algorithm.md §11.7), kept on purpose.
 _CLEAN_UP = ((" .", "."), (" ?", "?"), (" !", "!"), (" ,", ","), (" ' ", "'"), (" n't", "n't"),
              (" 'm", "'m"), (" do not", " don't"), (" 's", "'s"), (" 've", "'ve"), (" 're", "'re"))
 

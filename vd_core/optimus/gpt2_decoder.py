@@ -1,4 +1,4 @@
-"""The Optimus decoder: GPT-2 with the latent injected twice (SPEC §6.2, "Decoder").
+"""The Optimus decoder: GPT-2 with the latent injected twice (algorithm.md §6.2, "Decoder").
 
 * Embedding injection: ``linear_emb(z)`` is added to every input embedding.
 * Memory injection: ``linear(z)`` is cut into one ``C``-wide slice per layer; slice ``l`` is the

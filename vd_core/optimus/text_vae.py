@@ -1,7 +1,7 @@
-"""The Optimus text VAE (``vae.text``, SPEC §6.2): sentences ↔ ``(B, L)`` text latents.
+"""The Optimus text VAE (``vae.text``, algorithm.md §6.2): sentences ↔ ``(B, L)`` text latents.
 
 ``encode`` lower-cases every sentence before tokenising it with the *cased* BERT vocabulary —
-an official quirk (SPEC §11.8) kept so that latents match the official ones.
+an official quirk (algorithm.md §11.8) kept so that latents match the official ones.
 """
 
 from __future__ import annotations
@@ -87,7 +87,7 @@ class OptimusVAE(nn.Module):
     def decode(self, latents: torch.Tensor, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
                greedy: bool = False, max_length: int = 30, generator: torch.Generator | None = None,
                use_kv_cache: bool = True) -> list[str]:
-        """Text latents ``(B, L)`` → B captions (SPEC §6.2 ``decode``).
+        """Text latents ``(B, L)`` → B captions (algorithm.md §6.2 ``decode``).
 
         Defaults are the official sampling: temperature 1, ``top_k`` 0, ``top_p`` 1.0 (which still
         drops the float32 tail), one multinomial draw per token latent after latent. Pass

@@ -1,4 +1,4 @@
-"""The two Optimus tokenizers (SPEC §6.2) and where their files are looked up.
+"""The two Optimus tokenizers (algorithm.md §6.2) and where their files are looked up.
 
 * BERT (encoder side): the basic + WordPiece tokenizer of the cased ``bert-base-cased`` vocabulary
   (``vocab.txt``, 28996 pieces), with the official settings: no lower-casing and no accent
@@ -46,7 +46,7 @@ _GPT2_PATTERN = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+
 
 
 class BertWordPieceTokenizer:
-    """Official BERT basic + WordPiece tokenizer, ``do_lower_case=False`` (SPEC §6.2)."""
+    """Official BERT basic + WordPiece tokenizer, ``do_lower_case=False`` (algorithm.md §6.2)."""
 
     def __init__(self, vocab_file: str | os.PathLike):
         self.vocab_file = Path(vocab_file)
@@ -152,7 +152,7 @@ def _bytes_to_unicode() -> dict[int, str]:
 
 
 class GPT2BPETokenizer:
-    """Official GPT-2 byte-level BPE tokenizer with ``<PAD>``, ``<BOS>``, ``<EOS>`` appended (SPEC §6.2)."""
+    """Official GPT-2 byte-level BPE tokenizer with ``<PAD>``, ``<BOS>``, ``<EOS>`` appended (algorithm.md §6.2)."""
 
     def __init__(self, vocab_file: str | os.PathLike, merges_file: str | os.PathLike):
         self.vocab_file, self.merges_file = Path(vocab_file), Path(merges_file)

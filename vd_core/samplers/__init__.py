@@ -1,4 +1,4 @@
-"""Samplers: the exact official DDIM (SPEC §7), k-diffusion-style samplers, guidance, noise.
+"""Samplers: the exact official DDIM (algorithm.md §7), k-diffusion-style samplers, guidance, noise.
 
 See docs/ARCHITECTURE.md "Sampler contract". Everything a flow needs is re-exported here.
 """

@@ -1,4 +1,4 @@
-"""The official VD DDIM sampler, bit for bit (SPEC §7).
+"""The official VD DDIM sampler, bit for bit (algorithm.md §7).
 
 Three details make it differ from a textbook DDIM, and all are reproduced:
 
@@ -6,7 +6,7 @@ Three details make it differ from a textbook DDIM, and all are reproduced:
 * the last step's "previous" ᾱ is ``ᾱ[0] = 0.99915``, not 1;
 * a normal draw is taken at every step, even at η = 0, so a seed gives the official result.
 
-Coefficient precision follows the official ``make_schedule`` (SPEC §7.1) so that float32 runs
+Coefficient precision follows the official ``make_schedule`` (algorithm.md §7.1) so that float32 runs
 match to the last bit: ``a_t`` and ``sqrt(1 − a_t)`` in the schedule's dtype, ``a_prev`` and
 ``sigma`` in float64, each cast to the sample dtype before the step arithmetic.
 """
@@ -41,7 +41,7 @@ def raise_if_cancelled(cancel: CancelCheck | None, step: int, total: int) -> Non
 
 
 def ddim_timesteps(steps: int) -> torch.Tensor:
-    """Official model timesteps for ``steps`` DDIM steps, ascending (SPEC §7.1).
+    """Official model timesteps for ``steps`` DDIM steps, ascending (algorithm.md §7.1).
 
     ``c = 1000 // steps``; ``range(0, 1000, c) + 1``. S = 50 gives 1, 21, …, 981; S = 7 gives
     8 timesteps (1, 143, …, 995). Sampling runs them in reverse.
@@ -79,7 +79,7 @@ class DDIMSchedule(NamedTuple):
 
 
 def ddim_schedule(steps: int, eta: float = 0.0, alphas_cumprod: torch.Tensor | None = None) -> DDIMSchedule:
-    """The official ``make_schedule`` for ``steps`` steps and ``eta`` (SPEC §7.1).
+    """The official ``make_schedule`` for ``steps`` steps and ``eta`` (algorithm.md §7.1).
 
     Args:
         steps: requested DDIM steps (1 … 1000).
@@ -115,11 +115,11 @@ def ddim_noised_start(
     k: int,
     noise: NoiseSource,
 ) -> tuple[torch.Tensor, int]:
-    """Noise a clean sample for the official fidelity / image-to-image path (SPEC §7.4).
+    """Noise a clean sample for the official fidelity / image-to-image path (algorithm.md §7.4).
 
     The official sampler noises ``x0`` to ``timesteps[k]`` and then runs only the first ``k``
     timesteps, the first of which is ``timesteps[k−1]``: the first denoising step treats a
-    sample one DDIM step noisier than its timestep says. That off-by-one (SPEC §11.4) is kept on
+    sample one DDIM step noisier than its timestep says. That off-by-one (algorithm.md §11.4) is kept on
     purpose so results match the official; e.g. 10 steps, k = 6: noised to t = 601, denoising
     starts at t = 501.
 
@@ -159,7 +159,7 @@ def sample_ddim(
     callback: Callback | None = None,
     cancel: CancelCheck | None = None,
 ) -> torch.Tensor:
-    """Run the official DDIM sampler (SPEC §7.2) from ``x``.
+    """Run the official DDIM sampler (algorithm.md §7.2) from ``x``.
 
     Each step, with ``a_t, a_prev, sigma`` from :func:`ddim_schedule`::
 

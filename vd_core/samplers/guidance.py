@@ -1,10 +1,10 @@
-"""Classifier-free guidance (SPEC §7.3): turn the diffuser and its contexts into ``eps(x, t)``.
+"""Classifier-free guidance (algorithm.md §7.3): turn the diffuser and its contexts into ``eps(x, t)``.
 
 With scale exactly 1 the diffuser runs once on the conditional contexts. Otherwise it runs once
 on the doubled batch ``x_in = [x; x]``, ``t_in = [t; t]`` with every context entry ``[u_i; c_i]``
 (unconditional first, as the official sampler concatenates them) and
 ``ε = ε_u + s·(ε_c − ε_u)``. With several contexts the diffuser mixes the unconditional halves
-with the same ratios as the conditional ones (SPEC §4.3), so one formula covers multi-context.
+with the same ratios as the conditional ones (algorithm.md §4.3), so one formula covers multi-context.
 """
 
 from __future__ import annotations

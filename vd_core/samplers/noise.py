@@ -4,7 +4,7 @@ A sampler never calls ``torch.randn`` itself; it asks its ``NoiseSource`` for a 
 the sample. Two policies:
 
 * :class:`BatchNoise` — one CPU generator draws each tensor over the whole batch in float32. This
-  is the official order (SPEC §7.4: the WebUI calls ``torch.manual_seed(seed + 100)`` and then
+  is the official order (algorithm.md §7.4: the WebUI calls ``torch.manual_seed(seed + 100)`` and then
   draws the initial latent and one ``randn_like`` per DDIM step over the batch), so
   ``BatchNoise(s)(torch.empty(shape))`` equals ``torch.manual_seed(s); torch.randn(shape)``, and a
   CPU run and a GPU run see the same numbers.
