@@ -87,7 +87,7 @@ def _start_in_process(comfy_dir: str) -> str | None:
         import comfy.options
 
         comfy.options.enable_args_parsing()
-        import comfy.cli_args  # noqa: F401  (parses sys.argv now, once)
+        import comfy.cli_args  # parses sys.argv now, once
     except Exception as error:  # noqa: BLE001  (any failure: report it through the fixtures)
         if added:
             sys.path.remove(comfy_dir)
