@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import torch
 
-from ..vd_core.caption_cleanup import remove_duplicate_words
 from ..vd_core.errors import VDInputError
 from ..vd_core.flows.edit_image_with_text import edit_text_latents
-from ..vd_core.validation import check_seed, generator_seed
+from ..vd_core.flows.result import decode_texts
+from ..vd_core.samplers import PerItemNoise
+from ..vd_core.validation import check_seed
 from .node_errors import reported_as, require_part
 from .types import MAX_SEED, STORAGE_DEVICE, VD_OPTIMUS, VD_TEXT_LATENT
 
@@ -64,13 +65,10 @@ class VDOptimusTextDecode:
             model = part.use()
             latents = text_latent.to(next(model.parameters()))
             # Sentence i draws from its own generator (seed + i), like the samplers' batch items.
-            sentences = [
-                model.decode(latent[None], temperature=temperature, greedy=(mode == "greedy"), max_length=max_tokens,
-                             generator=torch.Generator().manual_seed(generator_seed(check_seed(seed), i)))[0]
-                for i, latent in enumerate(latents)
-            ]
-            if clean_up:
-                sentences = [remove_duplicate_words(s) for s in sentences]
+            seed = check_seed(seed)
+            noise = PerItemNoise([seed + i for i in range(latents.shape[0])])
+            sentences = decode_texts(model, latents, noise, clean_up, temperature=temperature, greedy=(mode == "greedy"),
+                                     max_length=max_tokens)
             text = "\n".join(sentences)
             return {"ui": {"text": [text]}, "result": (text,)}
 

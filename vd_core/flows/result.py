@@ -10,7 +10,7 @@ import torch
 from ..caption_cleanup import remove_duplicate_words
 from ..color_match import match_color_simple
 from ..errors import VDInputError
-from ..samplers import NoiseSource, PerItemNoise
+from ..samplers import NoiseSource
 
 COLOR_ADJUST_CHOICES = ("none", "simple")
 
@@ -44,15 +44,15 @@ def decode_images(image_vae, latents: torch.Tensor, color_reference: torch.Tenso
     return ImageFlowResult(images, latents)
 
 
-def decode_texts(optimus, latents: torch.Tensor, noise: NoiseSource, clean_up: bool = True) -> list[str]:
+def decode_texts(optimus, latents: torch.Tensor, noise: NoiseSource, clean_up: bool = True,
+                 **decode_options) -> list[str]:
     """Sample one sentence per text latent ``(n, L)`` with the official Optimus sampler.
 
-    The tokens are drawn from the run's generator, continuing after the diffusion steps as the
-    WebUI's global RNG does (algorithm.md §7.4); with per-item seeds, sentence i uses item i's generator.
-    ``clean_up`` applies the WebUI's duplicate-word removal (algorithm.md §8.3).
+    The tokens are drawn from the run's generators (``noise.split``), continuing after the
+    diffusion steps as the WebUI's global RNG does (algorithm.md §7.4); with per-item seeds,
+    sentence i uses item i's generator. ``clean_up`` applies the WebUI's duplicate-word removal
+    (algorithm.md §8.3); ``decode_options`` go to ``OptimusVAE.decode`` (temperature, greedy, max_length).
     """
-    if isinstance(noise, PerItemNoise):
-        texts = [optimus.decode(z[None], generator=g)[0] for z, g in zip(latents, noise.generators)]
-    else:
-        texts = optimus.decode(latents, generator=noise.generator)
+    texts = [text for rows, generator in noise.split(latents.shape[0])
+             for text in optimus.decode(latents[rows], generator=generator, **decode_options)]
     return [remove_duplicate_words(t) if clean_up else t for t in texts]

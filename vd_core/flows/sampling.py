@@ -102,10 +102,8 @@ def encode_start_latent(image_vae, images: torch.Tensor, noise: NoiseSource, n: 
     Returns:
         ``(1 | n, 4, H/8, W/8)`` unscaled latents.
     """
-    if isinstance(noise, PerItemNoise):
-        rows = [images[i : i + 1] if images.shape[0] == n else images[:1] for i in range(n)]
-        return torch.cat([image_vae.encode(row, generator=g) for row, g in zip(rows, noise.generators)])
-    return image_vae.encode(images, generator=noise.generator)
+    return torch.cat([image_vae.encode(images[rows] if images.shape[0] == n else images[:1], generator=generator)
+                      for rows, generator in noise.split(n)])
 
 
 @torch.no_grad()

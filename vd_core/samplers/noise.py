@@ -27,9 +27,16 @@ from ..validation import generator_seed
 
 @runtime_checkable
 class NoiseSource(Protocol):
-    """``noise(like) -> n``: standard-normal noise with ``like``'s shape, dtype and device."""
+    """``noise(like) -> n``: standard-normal noise with ``like``'s shape, dtype and device.
+
+    ``split(n)`` says which generator serves which rows of an ``n``-row batch, in draw order, for
+    the other draws of a run (VAE posterior samples, Optimus word sampling) that continue the
+    same generators: ``[(rows: slice, generator), …]``.
+    """
 
     def __call__(self, like: torch.Tensor) -> torch.Tensor: ...
+
+    def split(self, n: int) -> list[tuple[slice, torch.Generator]]: ...
 
 
 def _generator(seed_or_generator: int | torch.Generator) -> torch.Generator:
@@ -62,6 +69,10 @@ class BatchNoise:
     def __call__(self, like: torch.Tensor) -> torch.Tensor:
         return _draw(like.shape, self.generator, like)
 
+    def split(self, n: int) -> list[tuple[slice, torch.Generator]]:
+        """The whole batch from the one generator."""
+        return [(slice(0, n), self.generator)]
+
 
 class PerItemNoise:
     """Batch row ``i`` of every draw comes from its own generator seeded ``seeds[i]``.
@@ -83,3 +94,9 @@ class PerItemNoise:
             )
         rows = [_draw(like.shape[1:], g, like) for g in self.generators]
         return torch.stack(rows)
+
+    def split(self, n: int) -> list[tuple[slice, torch.Generator]]:
+        """Row ``i`` from generator ``i``."""
+        if n != len(self.generators):
+            raise VDInputError(f"PerItemNoise has {len(self.generators)} seeds for a batch of {n}; give one seed per item")
+        return [(slice(i, i + 1), g) for i, g in enumerate(self.generators)]
