@@ -20,7 +20,8 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+if str(Path(__file__).resolve().parents[1]) not in sys.path:  # as a script; never reorder a test's path
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from vd_core.clip import CLIPContextEncoder, encoder_from_state_dict  # noqa: E402
 from timing import Timing, measure  # noqa: E402  (benchmarks/timing.py, beside this script)

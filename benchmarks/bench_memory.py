@@ -37,7 +37,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+if str(Path(__file__).resolve().parents[1]) not in sys.path:  # as a script; never reorder a test's path
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from vd_core.clip import CLIPContextEncoder  # noqa: E402
 from vd_core.diffuser import DiffuserConfig, DiffuserParts, FourFlowDiffuser  # noqa: E402

@@ -25,7 +25,8 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+if str(Path(__file__).resolve().parents[1]) not in sys.path:  # as a script; never reorder a test's path
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from vd_core.optimus.decoding import generate_token_ids  # noqa: E402
 from vd_core.optimus.gpt2_decoder import GPT2DecoderConfig, GPT2LatentDecoder  # noqa: E402

@@ -105,7 +105,8 @@ def _read_torch_file(path: Path, what: str, mmap: bool) -> object:
             f"{what} {path} is not a PyTorch checkpoint of tensors: its contents cannot be read (damaged, "
             "truncated or another kind of file); download it again."
         ) from None
-    except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile) as exc:
+    except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile,
+            IndexError, KeyError, TypeError, AttributeError, MemoryError) as exc:  # random bytes break torch's unpickler anywhere
         raise CheckpointError(
             f"{what} {path} could not be read as a PyTorch checkpoint ({_first_line(exc)}); "
             "it is probably truncated or corrupt, or not a model file: download it again."
