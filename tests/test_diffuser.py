@@ -116,6 +116,30 @@ def test_half_precision_forward_is_close_to_float32(name, dtype, tiny_dir, tiny_
     assert_close_ref(eps, expected, rel, f"{name} {dtype}")
 
 
+def test_each_context_kind_takes_its_own_head_count(tiny_dir, tiny_state, tiny_config, tiny_inputs):
+    """The official config gives each diffuser half its own head count: with the text half's count
+    changed, the image-context runs stay exact and the text-context runs move."""
+    from vd_core.diffuser import DiffuserConfig, FourFlowDiffuser
+
+    heads = {kind: tiny_config[f"diffuser_{kind}"]["num_heads"] for kind in ("image", "text")}
+    widths = DiffuserConfig.from_state_dict(tiny_state, num_heads=heads["image"]).level_widths
+    other = next(h for h in range(heads["text"] - 1, 0, -1) if all(w % h == 0 for w in widths))
+    config = DiffuserConfig.from_state_dict(tiny_state, num_heads=heads["image"], text_num_heads=other)
+    model = FourFlowDiffuser(config).eval()
+    model.load_state_dict(tiny_state, strict=True)
+    assert model.image.context_blocks[0]._modules["0"].transformer_blocks[0].attn2.num_heads == heads["image"]
+    assert model.text.context_blocks[0]._modules["0"].transformer_blocks[0].attn2.num_heads == other
+    expected = load_tensors(tiny_dir / "apply_model.safetensors")
+    for name in ("eps_image_imagectx", "eps_image_textctx"):
+        data, spec = APPLY_MODEL_CASES[name]
+        with torch.no_grad():
+            out = model(tiny_inputs[data], tiny_inputs["t_pair"], contexts_for(spec, tiny_inputs))
+        if spec[0][0] == "image":
+            assert_close_ref(out, expected[name], 1e-4, name)
+        else:
+            assert (out - expected[name]).abs().max() > 1e-3, f"{name} ignored the text half's head count"
+
+
 def test_only_requested_parts_are_built(tiny_model):
     text_to_image = FourFlowDiffuser(tiny_model.config, DiffuserParts.for_flow("image", ["text"]))
     prefixes = {".".join(k.split(".")[:2]) for k in text_to_image.state_dict()}

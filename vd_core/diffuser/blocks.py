@@ -94,11 +94,12 @@ def build_text_data_blocks(config: DiffuserConfig) -> nn.ModuleList:
     return nn.ModuleList(DataSlot(layer) for layer in layers)
 
 
-def build_context_blocks(config: DiffuserConfig) -> nn.ModuleList:
+def build_context_blocks(config: DiffuserConfig, kind: str) -> nn.ModuleList:
     """``diffuser.<kind>.context_blocks``: one SpatialTransformer per ``c`` of the walk. Both kinds
-    have the same widths; the kind names the context they attend to, not the data (algorithm.md §1)."""
+    have the same widths (their own head counts); the kind names the context they attend to, not
+    the data (algorithm.md §1)."""
     return nn.ModuleList(
-        ContextSlot(SpatialTransformer(step.out_width, config.context_dim, config.num_heads))
+        ContextSlot(SpatialTransformer(step.out_width, config.context_dim, config.heads_of(kind)))
         for step in walk(config.layout, config.model_channels, config.channel_mult)
         if step.op == CONTEXT
     )

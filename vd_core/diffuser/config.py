@@ -35,7 +35,10 @@ class DiffuserConfig:
         in_channels, out_channels: image latent channels (4); None without image data layers.
         text_latent_dim: text latent width L (768, the Optimus latent); None without text data layers.
         second_dim: the text diffuser's second axis (4): its activations are (B, C, second_dim, 1).
-        num_heads: attention heads of every context layer (8 in the release; not in any file).
+        num_heads: attention heads of the image-context layers (``diffuser.image.context_blocks``;
+            8 in the release; not in any file).
+        text_num_heads: attention heads of the text-context layers; None = ``num_heads`` (the
+            official config gives each diffuser half its own count; the release uses 8 for both).
     """
 
     model_channels: int
@@ -48,6 +51,11 @@ class DiffuserConfig:
     text_latent_dim: int | None = None
     second_dim: int | None = None
     num_heads: int = RELEASE_NUM_HEADS
+    text_num_heads: int | None = None
+
+    def heads_of(self, kind: str) -> int:
+        """Attention heads of the context layers of ``kind`` ("image" or "text")."""
+        return self.text_num_heads if kind == "text" and self.text_num_heads is not None else self.num_heads
 
     def __post_init__(self):
         if not len(self.channel_mult) == len(self.num_res_blocks) == len(self.context_levels):
@@ -56,8 +64,9 @@ class DiffuserConfig:
                 f"{self.context_levels} must have one entry per level"
             )
         for width in self.level_widths:
-            if width % self.num_heads:
-                raise VDInputError(f"num_heads={self.num_heads} does not divide the width {width}; the release uses 8")
+            for heads in {self.heads_of("image"), self.heads_of("text")}:
+                if width % heads:
+                    raise VDInputError(f"{heads} attention heads do not divide the width {width}; the release uses 8")
             if width % NORM_GROUPS:
                 raise VDInputError(f"width {width} is not a multiple of the {NORM_GROUPS} GroupNorm groups")
 
@@ -92,7 +101,8 @@ class DiffuserConfig:
 
     @classmethod
     def from_state_dict(
-        cls, state: Mapping[str, torch.Tensor], num_heads: int = RELEASE_NUM_HEADS, source: str = "the state dict"
+        cls, state: Mapping[str, torch.Tensor], num_heads: int = RELEASE_NUM_HEADS, source: str = "the state dict",
+        text_num_heads: int | None = None,
     ) -> "DiffuserConfig":
         """Read every size from ``state`` (keys as in ``FourFlowDiffuser.state_dict()``:
         ``image.data_blocks.0.0.weight`` …). Either half may be absent, not both.
@@ -130,6 +140,7 @@ class DiffuserConfig:
             context_levels=context_levels,
             context_dim=_shape(state, f"{context_kind}.{_CROSS_ATTENTION_KEY}", source)[1],
             num_heads=num_heads,
+            text_num_heads=text_num_heads,
         )
         if "image" in data_kinds:
             last = _num_blocks(state, "image.data_blocks.") - 1

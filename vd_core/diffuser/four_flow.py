@@ -110,12 +110,12 @@ class FourFlowDiffuser(nn.Module):
         self.image = DiffuserHalf(
             build_time_embed(config) if parts.time_embed else None,
             build_image_data_blocks(config) if parts.image_data else None,
-            build_context_blocks(config) if parts.image_context else None,
+            build_context_blocks(config, "image") if parts.image_context else None,
         )
         self.text = DiffuserHalf(
             None,
             build_text_data_blocks(config) if parts.text_data else None,
-            build_context_blocks(config) if parts.text_context else None,
+            build_context_blocks(config, "text") if parts.text_context else None,
         )
         self._order = execution_order(config.layout)
 

@@ -59,6 +59,7 @@ def load_diffuser(
     path: str | os.PathLike,
     parts: DiffuserParts | None = None,
     num_heads: int = RELEASE_NUM_HEADS,
+    text_num_heads: int | None = None,
     dtype: torch.dtype | None = None,
     device: str | torch.device = "cpu",
 ) -> FourFlowDiffuser:
@@ -71,7 +72,8 @@ def load_diffuser(
     Args:
         path: a diffuser file in any layout listed in the module docstring.
         parts: the layers to load; None loads all four parts (and requires both halves).
-        num_heads: attention heads (8 in the release; not stored in any file).
+        num_heads: attention heads of the image-context layers (8 in the release; not stored in any file).
+        text_num_heads: those of the text-context layers; None = ``num_heads``.
         dtype: floating dtype of the weights; None means float32 (the official fp32 path, which
             every device supports; pass torch.float16 on a GPU for the WebUI's fp16 path).
         device: where the weights go.
@@ -87,7 +89,8 @@ def load_diffuser(
     parts = DiffuserParts.all() if parts is None else parts
     state = read_diffuser_state_dict(path)
     _check_parts_present(state, parts, path)
-    config = DiffuserConfig.from_state_dict(state, num_heads=num_heads, source=f"{WHAT} {path}")
+    config = DiffuserConfig.from_state_dict(state, num_heads=num_heads, source=f"{WHAT} {path}",
+                                            text_num_heads=text_num_heads)
     with torch.device("meta"):
         model = FourFlowDiffuser(config, parts)
     wanted = select_parts(state, model, path)
