@@ -27,16 +27,16 @@ CONTEXT_MIX = "vd_context_mix"
 
 class MultiContextSpatialTransformer(SpatialTransformer):
     """A context layer of kind ``primary_kind`` (its own parameters) plus ``secondary``, the same
-    position's layer of the other kind (or None), mixing several contexts the VD way."""
+    position's layer of the other kind, mixing several contexts the VD way."""
 
     primary_kind: str
-    secondary: SpatialTransformer | None
+    secondary: SpatialTransformer
 
     @classmethod
-    def extend(cls, layer: SpatialTransformer, primary_kind: str, with_secondary: bool) -> None:
+    def extend(cls, layer: SpatialTransformer, primary_kind: str) -> None:
         """Turn core's ``layer`` into this class in place; ``secondary`` is a structural copy whose
         weights the loader fills. (In place, so the UNet's module tree and names stay core's.)"""
-        secondary = copy.deepcopy(layer) if with_secondary else None
+        secondary = copy.deepcopy(layer)
         layer.__class__ = cls
         layer.primary_kind = primary_kind
         layer.secondary = secondary
@@ -69,7 +69,7 @@ class MultiContextUNet(UNetModel):
         self.context_kinds = tuple(context_kinds)
         for module in list(self.modules()):
             if type(module) is SpatialTransformer:
-                MultiContextSpatialTransformer.extend(module, self.context_kinds[0], len(self.context_kinds) > 1)
+                MultiContextSpatialTransformer.extend(module, self.context_kinds[0])
 
     def forward(self, x, timesteps=None, context=None, y=None, control=None, transformer_options={},
                 vd_kinds=None, vd_ratios=None, vd_extra_contexts=None, **kwargs):
