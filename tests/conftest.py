@@ -24,6 +24,11 @@ torch.set_num_threads(int(os.environ.get("VD_TEST_THREADS", "1")))
 pytest_plugins = ["comfy_runtime", "node_fixtures"]
 
 
+# A test's own output side where the fixture gives none: any multiple of 8 px works for every
+# fixture architecture (the UNet upsamples to its skip connections' sizes).
+TEST_SIDE = 8 * 8
+
+
 def reference_dir() -> Path:
     return Path(os.environ.get("VD_REFERENCE_DIR", ROOT.parent / "shared" / "vd_reference")).resolve()
 

@@ -16,13 +16,13 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import ROOT
+from conftest import ROOT, TEST_SIDE
 from vd_core import cli, download
 from vd_core.errors import CheckpointError
 from vd_core.flows import SamplingOptions, text_to_image
 from vd_core.models import load_models
 
-FAST = ["--steps", "4", "--width", "64", "--height", "64"]
+FAST = ["--steps", "4", "--width", str(TEST_SIDE), "--height", str(TEST_SIDE)]
 
 
 @pytest.fixture(scope="module")
@@ -48,7 +48,7 @@ def test_text_to_image_writes_pngs_equal_to_the_python_api(release_dir, images, 
     written = [read_png(tmp_path / f"car_{i}.png") for i in range(2)]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["car_0.png", "car_1.png"]  # no temporary left
     models = load_models(release_dir, flows=("text_to_image",))
-    result = text_to_image(models, images["prompts"][0], width=64, height=64, n=2, options=SamplingOptions(steps=4, seed=0))
+    result = text_to_image(models, images["prompts"][0], width=TEST_SIDE, height=TEST_SIDE, n=2, options=SamplingOptions(steps=4, seed=0))
     for i, png in enumerate(written):
         expected = (result.images[i].permute(1, 2, 0) * 255).round().to(torch.uint8).numpy()
         assert np.abs(png.astype(int) - expected.astype(int)).max() <= 1

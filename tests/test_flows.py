@@ -18,7 +18,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import assert_close_ref, dual_ratios, load_tensors
+from conftest import TEST_SIDE, assert_close_ref, dual_ratios, load_tensors
 from vd_core.contexts import GuidedContext
 from vd_core.errors import Cancelled, CheckpointError, MissingPartError, VDInputError
 from vd_core.flows import (
@@ -317,11 +317,11 @@ def test_bad_sampling_values(models, options, size, message):
 def test_bad_counts_images_and_masks(models, release_dir):
     image = png(release_dir / "expected" / "image_0.png")
     with pytest.raises(VDInputError, match="≥ 1"):
-        text_to_image(models, "a car", width=64, height=64, n=0)
+        text_to_image(models, "a car", width=TEST_SIDE, height=TEST_SIDE, n=0)
     with pytest.raises(VDInputError, match="at least one image"):
         multi_context(models, "a car", [], n=1)
     with pytest.raises(VDInputError, match="batch"):
-        multi_context(models, "", [ImageSlot(image, torch.ones(2, 1, 64, 64))], n=1, width=64, height=64)
+        multi_context(models, "", [ImageSlot(image, torch.ones(2, 1, TEST_SIDE, TEST_SIDE))], n=1, width=TEST_SIDE, height=TEST_SIDE)
     with pytest.raises(VDInputError, match="fidelity"):
         image_variation(models, image, fidelity=1.5)
     with pytest.raises(VDInputError, match="RGB"):
