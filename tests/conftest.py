@@ -92,6 +92,14 @@ def release_dir(ref_dir) -> Path:
 
 
 @pytest.fixture(scope="session")
+def models(release_dir):
+    """``VDModels`` of the release miniature with the parts of every flow (loaded once)."""
+    from vd_core.models import ALL_FLOWS, load_models
+
+    return load_models(release_dir, flows=ALL_FLOWS)
+
+
+@pytest.fixture(scope="session")
 def tiny_config(tiny_dir) -> dict:
     return json.loads((tiny_dir / "config.json").read_text())["tiny"]
 

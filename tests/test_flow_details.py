@@ -17,17 +17,11 @@ from vd_core.flows import SamplingOptions, edit_image_with_text, sample_image, t
 from vd_core.flows.context_builders import text_context
 from vd_core.flows.image_prep import resize_masks
 from vd_core.image_vae import LATENT_SCALE
-from vd_core.models import ALL_FLOWS, VDModels, load_models
 
 i2t2i_module = importlib.import_module("vd_core.flows.edit_image_with_text")  # the package re-exports the function
 REL = 1e-4  # README: single forward passes within 1e-4·max(1, max|ref|)
 # algorithm.md §10 step 6–7, the legacy I2T2I script's constants: rank-10 local tokens, image 0.33 / text 0.67.
 I2T2I_RANK, I2T2I_IMAGE_RATIO, I2T2I_TEXT_RATIO = 10, 0.33, 0.67
-
-
-@pytest.fixture(scope="module")
-def models(release_dir) -> VDModels:
-    return load_models(release_dir, flows=ALL_FLOWS)
 
 
 @pytest.fixture(scope="module")

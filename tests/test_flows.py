@@ -37,14 +37,9 @@ from vd_core.flows import (
 from vd_core.flows.edit_image_with_text import edit_text_latents
 from vd_core.flows.image_prep import default_output_size, resolve_output_size
 from vd_core.image_vae import LATENT_SCALE
-from vd_core.models import ALL_FLOWS, VDModels, load_models
+from vd_core.models import VDModels, load_models
 
 IMAGE_TOL, TEXT_TOL = 1e-3, 1e-2
-
-
-@pytest.fixture(scope="module")
-def models(release_dir) -> VDModels:
-    return load_models(release_dir, flows=ALL_FLOWS)
 
 
 @pytest.fixture(scope="module")

@@ -20,14 +20,8 @@ from vd_core.errors import NumericalError, VDInputError
 from vd_core.flows import ImageSlot, SamplingOptions, image_variation, mix_contexts, multi_context, sample_image
 from vd_core.flows.image_prep import resize_images, resize_masks
 from vd_core.image_io import pil_to_tensor, read_image_file, read_mask_file
-from vd_core.models import ALL_FLOWS, load_models
 
 MAX_SEED = 2**64 - 1  # ComfyUI's seed widget maximum (0xffffffffffffffff)
-
-
-@pytest.fixture(scope="module")
-def models(release_dir):
-    return load_models(release_dir, flows=ALL_FLOWS)
 
 
 @pytest.fixture(scope="module")
