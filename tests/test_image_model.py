@@ -13,8 +13,10 @@ import importlib
 import pytest
 import torch
 
-from conftest import assert_close_ref
+from conftest import assert_close_ref, dual_ratios, guidance_of
 from node_fixtures import RELEASE_FILES
+
+LATENT_SCALE = 0.18215  # algorithm.md §6.1
 
 
 @pytest.fixture(scope="module")
@@ -29,6 +31,13 @@ def ddim_contexts(expected):
 
 def _guided(pack, kind, cond, uncond, ratio=1.0):
     return pack.vd_core.contexts.GuidedContext(kind, cond[:1], uncond[:1], ratio)
+
+
+def _dual(pack, ddim_contexts, expected) -> dict:
+    """The official dual-context case's two contexts with the ratios its description gives."""
+    text_ratio, image_ratio = dual_ratios(expected["json"]["ddim"]["dual"]["description"])
+    return {"text": _guided(pack, "text", ddim_contexts["dual_text_c"], ddim_contexts["text_u"], text_ratio),
+            "image": _guided(pack, "image", ddim_contexts["i2i_c"], ddim_contexts["image_u_zero"], image_ratio)}
 
 
 def _model(modules, release_dir, kinds, weight_dtype="fp32"):
@@ -62,8 +71,7 @@ def test_native_unet_matches_official_eps(pack, modules, release_dir, ddim_conte
     contexts = {
         "ddim_t2i": {"text": _guided(pack, "text", ddim_contexts["t2i_c"], ddim_contexts["text_u"])},
         "ddim_i2i": {"image": _guided(pack, "image", ddim_contexts["i2i_c"], ddim_contexts["image_u_zero"])},
-        "ddim_dual": {"text": _guided(pack, "text", ddim_contexts["dual_text_c"], ddim_contexts["text_u"], 0.4),
-                      "image": _guided(pack, "image", ddim_contexts["i2i_c"], ddim_contexts["image_u_zero"], 0.6)},
+        "ddim_dual": _dual(pack, ddim_contexts, expected),
     }[case]
     patcher = _model(modules, release_dir, kinds)
     positive, negative = modules["conditioning"].conditioning_pair([contexts[k] for k in order])
@@ -93,20 +101,21 @@ def test_ksampler_on_the_model_reproduces_official_ddim(pack, modules, release_d
     import nodes as comfy_nodes
 
     run = expected["ddim_dual"]
-    text = _guided(pack, "text", ddim_contexts["dual_text_c"], ddim_contexts["text_u"], 0.4)
-    image = _guided(pack, "image", ddim_contexts["i2i_c"], ddim_contexts["image_u_zero"], 0.6)
+    dual = _dual(pack, ddim_contexts, expected)
+    text, image = dual["text"], dual["image"]
     model = _model(modules, release_dir, ("text", "image"))
     positive, negative = modules["conditioning"].conditioning_pair((text, image))
     batches = []
     model.model.diffusion_model.register_forward_pre_hook(lambda module, args: batches.append(args[0].shape[0]))
     sigma = model.model.model_sampling.sigma(run["timesteps"][0].float())
-    start = {"samples": run["x_init"] * (1 + sigma**2) ** 0.5 / 0.18215}  # VD's x_t in ComfyUI's units
+    start = {"samples": run["x_init"] * (1 + sigma**2) ** 0.5 / LATENT_SCALE}  # VD's x_t in ComfyUI's units
     steps = len(run["timesteps"])
     (out,) = comfy_nodes.KSamplerAdvanced().sample(
-        model, "disable", 0, steps, 7.5, "ddim", "ddim_uniform", positive, negative, start, 0, steps, "disable")
+        model, "disable", 0, steps, guidance_of(expected["json"]["ddim"]["dual"], 7.5), "ddim", "ddim_uniform",
+        positive, negative, start, 0, steps, "disable")
     batch = run["x_init"].shape[0]
     assert batches == [2 * batch] * steps  # cond and uncond in one call per step, as VD does
-    assert_close_ref(out["samples"] * 0.18215, run["pred_x0"][-1], 1e-4, "KSampler ddim final x0")
+    assert_close_ref(out["samples"] * LATENT_SCALE, run["pred_x0"][-1], 1e-4, "KSampler ddim final x0")
 
 
 def test_fp8_weight_storage(modules, release_dir, ddim_contexts, expected, pack):
