@@ -37,6 +37,9 @@ class StartNoise:
         first, self.first = self.first, None
         return first.to(device=like.device, dtype=like.dtype)
 
+    def split(self, n: int) -> list[tuple[slice, torch.Generator]]:
+        return self.rest.split(n)
+
 
 def _eps_model(denoiser, extra_args: dict, model_sampling):
     """VD's ``eps(x_vp (B, ...), t (B,)) -> ε`` over ComfyUI's guided denoiser ``D(x, σ) -> x₀``."""
