@@ -84,15 +84,15 @@ def readme_runs(device: str) -> list[tuple[str, list[str]]]:
 
 def with_run_options(runs, args) -> list[tuple[str, list[str]]]:
     """Add ``--threads`` / ``--repeats`` to the timed scripts."""
-    extra = (["--threads", str(args.threads)] if args.threads else []) + (
-        ["--repeats", str(args.repeats)] if args.repeats else [])
+    threads, repeats = getattr(args, "threads", None), getattr(args, "repeats", None)  # callers' older options
+    extra = (["--threads", str(threads)] if threads else []) + (["--repeats", str(repeats)] if repeats else [])
     return [(script, argv + extra if script in TIMED else argv) for script, argv in runs]
 
 
 def commands(args) -> list[tuple[str, list[str]]]:
     """``(script, arguments)`` for every process to run."""
-    if args.readme:
-        return with_run_options(readme_runs(args.device), args)
+    if getattr(args, "readme", False):
+        return with_run_options(only(readme_runs(args.device), args), args)
     dtype = args.dtype or ("fp16" if args.device == "cuda" else "fp32")
     common = ["--device", args.device] + (["--quick"] if args.quick else [])
     encoder_dtype = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}[dtype]
@@ -106,8 +106,12 @@ def commands(args) -> list[tuple[str, list[str]]]:
         *(("bench_flows.py", common + ["--dtype", dtype] + extra) for extra in flow_runs(args.device)),
         ("bench_memory.py", []),  # weight bytes per flow, fp16 and fp32, on the meta device
     ]
-    runs = [(script, argv) for script, argv in runs if not args.only or Path(script).stem in args.only]
-    return with_run_options(runs, args)
+    return with_run_options(only(runs, args), args)
+
+
+def only(runs, args) -> list[tuple[str, list[str]]]:
+    """The runs of the scripts ``--only`` names (all without it)."""
+    return [(script, argv) for script, argv in runs if not args.only or Path(script).stem in args.only]
 
 
 def normalise(script: str, line: dict) -> dict:

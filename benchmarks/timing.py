@@ -76,7 +76,8 @@ def peak_rss_mb() -> float:
 
 
 def measure(fn: Callable[[], Any], device: torch.device, repeats: int, warmup: int = 1) -> Timing:
-    """Median (and spread, ``Timing.fields``) of the wall times of ``repeats`` calls of ``fn()`` after ``warmup`` untimed ones.
+    """Median (and spread, ``Timing.fields``) of the wall times of ``repeats`` calls of ``fn()``
+    after ``warmup`` untimed ones.
 
     Peak memory: on CUDA ``torch.cuda.max_memory_allocated`` during the timed calls (weights
     included); on the CPU how far the process's RSS rose above its level before them at its peak,

@@ -45,6 +45,8 @@ def test_readme_runs_are_the_speed_table_with_fixed_threads_and_repeats():
     for _, argv in runs:
         assert argv[argv.index("--threads") + 1] == "2" and argv[argv.index("--repeats") + 1] == "3"
         assert argv[argv.index("--device") + 1] == "cpu"
+    again = run_all.commands(options(device="cpu", readme=True, threads=2, repeats=3, only=["bench_diffuser"]))
+    assert again == runs[:2]
     memory = run_all.commands(options(device="cpu", threads=2, only=["bench_memory"]))
     assert memory == [("bench_memory.py", [])]  # it times nothing: no --threads
 
@@ -130,3 +132,33 @@ def test_step_clock_times_the_sampler_loop_alone():
     assert line["sampling_repeats"] == line["repeats"] == 2 and line["median_ms"] >= 95
     assert line["sampling_min_ms"] <= line["sampling_median_ms"] <= line["sampling_max_ms"] < 40
     assert 0.005 <= line["seconds_per_step"] < 40 / 3 / 1000  # the steps' share only, not the 80 ms around them
+
+
+def test_step_clock_sees_the_sampler_of_every_timed_flow(release_dir):
+    """Through the real flows (release-layout miniature): one sampler-loop figure per run, inside
+    the run's wall time (CLIP before it, the VAE / Optimus after it are outside)."""
+    import bench_flows
+    from vd_core.flows import dual_context, image_to_text, text_to_image
+    from vd_core.models import load_models
+
+    case = json.loads((release_dir / "expected" / "ddim.json").read_text())["t2i"]
+    n, _, h, w = case["shape"]
+    models = load_models(release_dir, flows=bench_flows.FLOWS)
+    picture = torch.rand(1, 3, 8 * h, 8 * w, generator=torch.Generator().manual_seed(0))
+    runs = {
+        "text_to_image": lambda o: text_to_image(models, "a red car", width=8 * w, height=8 * h, n=n, options=o),
+        "image_to_text": lambda o: image_to_text(models, picture, n=n, options=o),
+        "dual_context": lambda o: dual_context(models, "a red car", picture, text_strength=0.5, n=n,
+                                               width=8 * w, height=8 * h, options=o),
+    }
+    assert set(runs) == set(bench_flows.FLOWS)
+    for name, flow in runs.items():
+        clock = bench_flows.StepClock(torch.device("cpu"))
+
+        def run(flow=flow, clock=clock):
+            clock.start_run()
+            return flow(clock.options(case["steps"]))
+
+        result = timing.measure(run, torch.device("cpu"), repeats=2, warmup=0)
+        assert len(clock.sampling_ms) == 2, name
+        assert all(0 < ms < total for ms, total in zip(clock.sampling_ms, result.times_ms, strict=True)), name
