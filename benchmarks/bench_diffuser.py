@@ -18,8 +18,9 @@ instead times the image flow with a text context and diffusers' ``UNet2DConditio
 SDPA) of the same sizes in alternation (diffusers is not a dependency of the pack; install it to
 compare; these lines have no peak memory).
 
-Each line: ``{"bench", "device", "dtype", "shape", "context_tokens", "median_ms", "peak_mem_mb",
-"weights_mb", "fast_paths"}`` (DDIM lines add ``steps``); ``peak_mem_mb`` as ``timing.measure``
+Each line: ``{"bench", "device", "dtype", "shape", "context_tokens", "median_ms", "min_ms", "max_ms",
+"repeats", "threads", "peak_mem_mb", "weights_mb", "fast_paths"}`` (DDIM lines add ``steps``; the
+spread fields are ``timing.spread``'s); ``peak_mem_mb`` as ``timing.measure``
 defines it (CUDA: allocated, weights included; CPU: the activations' RSS high-water mark). The
 first call (warm-up) is not timed: with ``--compile`` it compiles, with ``--cuda-graphs`` it records.
 """
@@ -30,7 +31,6 @@ import argparse
 import gc
 import importlib.util
 import json
-import statistics
 import sys
 from pathlib import Path
 
@@ -42,7 +42,7 @@ if str(Path(__file__).resolve().parents[1]) not in sys.path:  # as a script; nev
 from vd_core.acceleration import COMPILE_MODES, accelerate_diffuser  # noqa: E402
 from vd_core.diffuser import ContextInput, DiffuserConfig, DiffuserParts, FourFlowDiffuser  # noqa: E402
 from vd_core.samplers import BatchNoise, GuidedEps, sample_ddim  # noqa: E402
-from timing import measure  # noqa: E402  (benchmarks/timing.py, beside this script)
+from timing import measure, set_threads, spread  # noqa: E402  (benchmarks/timing.py, beside this script)
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 CONTEXT_TOKENS = {"text": 77, "image": 257}
@@ -95,14 +95,14 @@ def accelerated(model: FourFlowDiffuser, args):
     )
 
 
-def row(bench: str, device, dtype, shape, tokens, median_ms, peak_mb, weights_mb, args, **extra) -> dict:
+def row(bench: str, device, dtype, shape, tokens, times_ms, peak_mb, weights_mb, args, **extra) -> dict:
     return {
         "bench": bench,
         "device": str(device),
         "dtype": str(dtype).removeprefix("torch."),
         "shape": list(shape),
         "context_tokens": tokens,
-        "median_ms": round(median_ms, 2),
+        **spread(times_ms),
         "peak_mem_mb": None if peak_mb is None else round(peak_mb, 1),
         "weights_mb": round(weights_mb, 1),
         "fast_paths": fast_paths(args),
@@ -130,7 +130,8 @@ def bench_flow(data_kind: str, batches: list[int], device, dtype, args):
             context = torch.randn(batch, tokens, config.context_dim, generator=generator, device=device).to(dtype)
             with torch.inference_mode():
                 result = measure(lambda: model(x, t, [ContextInput(kind, context)]), device, args.repeats)
-            yield row(f"diffuser_{data_kind}_flow", device, dtype, shape, tokens, *result[:2], weights_mb, args)
+            yield row(f"diffuser_{data_kind}_flow", device, dtype, shape, tokens, result.times_ms, result.peak_mem_mb,
+                      weights_mb, args)
     if args.ddim_steps:
         yield bench_ddim(model, data_kind, device, dtype, weights_mb, args)
 
@@ -155,7 +156,8 @@ def bench_ddim(model, data_kind: str, device, dtype, weights_mb: float, args) ->
     with torch.inference_mode():
         result = measure(run, device, max(1, args.repeats // 2))
     bench = f"diffuser_{data_kind}_ddim"
-    return row(bench, device, dtype, shape, tokens, *result[:2], weights_mb, args, steps=args.ddim_steps)
+    return row(bench, device, dtype, shape, tokens, result.times_ms, result.peak_mem_mb, weights_mb, args,
+               steps=args.ddim_steps)
 
 
 def diffusers_unet(config: DiffuserConfig, side: int, device, dtype):
@@ -211,7 +213,7 @@ def bench_against_diffusers(batches: list[int], device, dtype, args):
                     times[name].append(measure(fn, device, 1, warmup=0).median_ms)
         for name, (model, _) in runs.items():
             weights_mb = sum(p.numel() * p.element_size() for p in model.parameters()) / 2**20
-            yield row(name, device, dtype, shape, tokens, statistics.median(times[name]), None, weights_mb,
+            yield row(name, device, dtype, shape, tokens, times[name], None, weights_mb,
                       args, parameters=sum(p.numel() for p in model.parameters()), compared="alternating")
 
 
@@ -236,8 +238,7 @@ def main(argv: list[str] | None = None) -> None:
     devices = [args.device] if args.device else ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
     args.repeats = args.repeats or (2 if args.quick else 5)
     image_batches = [2] if args.quick else [2, 4]
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    set_threads(args.threads)
     torch.set_flush_denormal(True)
     for name in devices:
         device = torch.device(name)

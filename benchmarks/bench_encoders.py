@@ -2,7 +2,10 @@
 
     python benchmarks/bench_encoders.py [--device cuda] [--dtype float16 bfloat16] [--quick]
 
-Each line: ``{"bench", "device", "dtype", "shape", "median_ms", "peak_mem_mb"}`` (``peak_mem_mb``
+    [--repeats N] [--vae-decode-batches B ...] [--threads N]
+
+Each line: ``{"bench", "device", "dtype", "shape", "median_ms", "min_ms", "max_ms", "repeats",
+"threads", "peak_mem_mb"}`` (the spread fields are ``timing.spread``'s; ``peak_mem_mb``
 as ``timing.measure`` defines it: CUDA memory allocated, weights included; on the CPU the rise of
 the peak RSS during the timed runs). Weights are random (no download), built from the released sizes.
 
@@ -24,7 +27,7 @@ if str(Path(__file__).resolve().parents[1]) not in sys.path:  # as a script; nev
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from vd_core.clip import CLIPContextEncoder, encoder_from_state_dict  # noqa: E402
-from timing import Timing, measure  # noqa: E402  (benchmarks/timing.py, beside this script)
+from timing import Timing, measure, set_threads  # noqa: E402  (benchmarks/timing.py, beside this script)
 
 # openai/clip-vit-large-patch14 (vd_reference README, "Full-size manifest").
 CLIP_TEXT = {"vocab_size": 49408, "hidden_size": 768, "intermediate_size": 3072, "num_hidden_layers": 12,
@@ -45,11 +48,21 @@ def random_clip(device: torch.device, dtype: torch.dtype) -> CLIPContextEncoder:
     return encoder_from_state_dict(state, config)
 
 
+def repeats_of(quick: bool, full: tuple[int, int]) -> tuple[int, int]:
+    """``(warm-up, timed)`` calls: ``--repeats`` if given (one warm-up), else ``full`` or the quick ones."""
+    if REPEATS:
+        return 1, REPEATS
+    return (1, 2) if quick else full
+
+
+REPEATS = 0  # --repeats (0: each benchmark's default)
+
+
 def bench_clip(device: torch.device, dtype: torch.dtype, quick: bool) -> Iterator[dict]:
     """CLIP text contexts from token ids, image contexts (with the CPU PIL preprocessing) with and
     without masks, and the preprocessing alone."""
     clip = random_clip(device, dtype)
-    warmup, repeats = (1, 3) if quick else (3, 10)
+    warmup, repeats = (1, 3) if quick and not REPEATS else repeats_of(quick, (3, 10))
     generator = torch.Generator().manual_seed(0)
     for batch in (1,) if quick else (1, 8):
         ids = torch.randint(0, 49406, (batch, 77), generator=generator)
@@ -74,9 +87,9 @@ def bench_image_vae(device: torch.device, dtype: torch.dtype, quick: bool) -> It
     with torch.device(device):
         vae = ImageVAE(ImageVAEConfig(ch=128, ch_mult=(1, 2, 4, 4), num_res_blocks=2, z_channels=4, embed_dim=4))
     vae = vae.to(dtype).eval().requires_grad_(False)
-    warmup, repeats = (1, 2) if quick else (2, 5)
+    warmup, repeats = repeats_of(quick, (2, 5))
     generator = torch.Generator().manual_seed(0)
-    for batch in (1,) if quick else (1, 2):
+    for batch in (1,) if quick else VAE_DECODE_BATCHES:
         latents = torch.randn(batch, 4, 64, 64, generator=generator).to(device)
         decode = measure(lambda: vae.decode(latents), device, repeats, warmup)
         yield _row("image_vae_decode", device, dtype, latents.shape, decode)
@@ -92,12 +105,12 @@ def _preprocess(clip: CLIPContextEncoder, images: torch.Tensor) -> torch.Tensor:
 
 
 def _row(bench: str, device: torch.device, dtype: torch.dtype, shape, result: Timing) -> dict:
-    median_ms, peak_mb, _ = result
     return {"bench": bench, "device": str(device), "dtype": str(dtype).removeprefix("torch."), "shape": list(shape),
-            "median_ms": round(median_ms, 3), "peak_mem_mb": round(peak_mb, 1)}
+            **result.fields(), "peak_mem_mb": round(result.peak_mem_mb, 1)}
 
 
 BENCHMARKS = [bench_clip, bench_image_vae]
+VAE_DECODE_BATCHES = (1, 2)  # --vae-decode-batches
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -106,7 +119,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--dtype", nargs="+", choices=["float32", "float16", "bfloat16"],
                         help="default: float32 on the CPU, float16 bfloat16 float32 on a GPU")
     parser.add_argument("--quick", action="store_true", help="batch 1 only, 1 warm-up and 3 timed runs")
+    parser.add_argument("--repeats", type=int, help="timed runs after one warm-up (default: CLIP 10, VAE 5; --quick 3, 2)")
+    parser.add_argument("--vae-decode-batches", type=int, nargs="+", default=[1, 2], help="VAE decode batch sizes")
+    parser.add_argument("--threads", type=int, help="torch.set_num_threads (CPU timings on a shared machine)")
     args = parser.parse_args(argv)
+    global REPEATS, VAE_DECODE_BATCHES
+    REPEATS, VAE_DECODE_BATCHES = args.repeats or 0, tuple(args.vae_decode_batches)
+    set_threads(args.threads)
     device = torch.device(args.device)
     dtypes = args.dtype or (["float32"] if device.type == "cpu" else ["float16", "bfloat16", "float32"])
     torch.set_grad_enabled(False)

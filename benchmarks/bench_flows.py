@@ -1,7 +1,7 @@
 """Speed and memory of whole VD flows on full-size random weights: one JSON line per measurement.
 
-    python benchmarks/bench_flows.py [--device cpu|cuda] [--dtype fp32|fp16|bf16] [--quick]
-        [--channels-last] [--compile [--cache-dir D]] [--cuda-graphs] [--flows NAME ...]
+    python benchmarks/bench_flows.py [--device cpu|cuda] [--dtype fp32|fp16|bf16] [--quick] [--repeats N]
+        [--threads N] [--channels-last] [--compile [--cache-dir D]] [--cuda-graphs] [--flows NAME ...]
 
 Measures, through the public flow functions of ``vd_core.flows``:
 
@@ -18,10 +18,16 @@ stand-ins of the right vocabulary sizes, so captions are gibberish; their cost i
 ones. ``--quick`` runs 256×256, 4 steps, 1 image and 2 captions (a smoke test of the script; a
 CPU run still needs the full-size weights: about 13 GB of RAM in float32, 7 GB in bf16).
 
-Each line: ``{"bench", "device", "dtype", "width", "height", "n", "steps", "seconds",
-"seconds_per_step", "peak_mem_mb", "fast_paths"}``. ``seconds`` is one timed run after a 2-step
-warm-up of the same flow; ``peak_mem_mb`` is ``torch.cuda.max_memory_allocated`` (weights
-included) on CUDA and the rise of the process's peak RSS during the run on the CPU.
+Each line: ``{"bench", "device", "dtype", "width", "height", "n", "steps", "median_ms", "min_ms",
+"max_ms", "repeats", "threads", "sampling_median_ms", "sampling_min_ms", "sampling_max_ms",
+"sampling_repeats", "seconds", "seconds_per_step", "peak_mem_mb", "fast_paths"}``. The whole flow
+(``median_ms`` …, ``timing.spread``) is timed ``--repeats`` times (default 3, ``--quick`` 2; a
+full-size CPU run takes minutes each) after a 2-step warm-up of the same flow. ``sampling_*`` is
+the sampler loop alone, from the check before its first step to the callback after its last
+(``StepClock``), so ``seconds_per_step`` (its median / steps) is the diffuser's (guided forwards
+and the sampler update) without CLIP, the VAE or Optimus; ``seconds`` is the whole flow's median.
+``peak_mem_mb`` is ``torch.cuda.max_memory_allocated`` (weights included) on CUDA and the rise of
+the process's peak RSS during the timed runs on the CPU.
 """
 
 from __future__ import annotations
@@ -31,6 +37,7 @@ import gc
 import json
 import sys
 import tempfile
+import time
 import zlib
 from pathlib import Path
 
@@ -49,7 +56,7 @@ from vd_core.optimus import OptimusVAE  # noqa: E402
 from vd_core.optimus.bert_encoder import BertEncoderConfig  # noqa: E402
 from vd_core.optimus.gpt2_decoder import GPT2DecoderConfig  # noqa: E402
 from vd_core.optimus.tokenizers import find_optimus_tokenizers  # noqa: E402
-from timing import measure  # noqa: E402  (benchmarks/timing.py, beside this script)
+from timing import measure, set_threads, spread  # noqa: E402  (benchmarks/timing.py, beside this script)
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 FLOWS = ("text_to_image", "image_to_text", "dual_context")
@@ -126,6 +133,51 @@ def random_models(flow: str, device: torch.device, dtype: torch.dtype, tokenizer
     return models
 
 
+class StepClock:
+    """Times the sampler loop inside a flow through ``SamplingOptions``' hooks: ``cancel`` is
+    checked before every step, ``callback`` runs after every step, so the loop lasts from the
+    first ``cancel`` to the last ``callback`` of a run. Call :meth:`start_run` before each run;
+    ``sampling_ms`` holds one figure per finished run."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.sampling_ms: list[float] = []
+        self._first: float | None = None
+
+    def _now(self) -> float:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)  # the queued work belongs to the part before
+        return time.perf_counter()
+
+    def start_run(self) -> None:
+        self._first = None
+
+    def cancel(self) -> bool:
+        if self._first is None:
+            self._first = self._now()
+        return False
+
+    def callback(self, step: int, total: int, x, x0_estimate) -> None:
+        if step == total - 1:
+            if self._first is None:
+                raise RuntimeError("StepClock: the sampler ran a step without checking cancel first")
+            self.sampling_ms.append((self._now() - self._first) * 1000)
+
+    def options(self, steps: int) -> SamplingOptions:
+        return SamplingOptions(steps=steps, callback=self.callback, cancel=self.cancel)
+
+
+def flow_line(name: str, device, dtype, size: int, n: int, steps: int, timing, clock: StepClock,
+              fast_paths: dict) -> dict:
+    """One JSON line: the whole flow's spread, the sampler loop's, and the per-step figure."""
+    sampling = spread(clock.sampling_ms, prefix="sampling_")
+    return {"bench": name, "device": str(device), "dtype": str(dtype).removeprefix("torch."),
+            "width": size, "height": size, "n": n, "steps": steps, **timing.fields(), **sampling,
+            "seconds": round(timing.median_ms / 1000, 3),
+            "seconds_per_step": round(sampling["sampling_median_ms"] / 1000 / steps, 4),
+            "peak_mem_mb": round(timing.peak_mem_mb), "fast_paths": fast_paths}
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -136,7 +188,11 @@ def main(argv=None) -> None:
     parser.add_argument("--cache-dir", help="persistent Inductor cache directory for --compile")
     parser.add_argument("--cuda-graphs", action="store_true", help="record each diffuser forward once, replay it")
     parser.add_argument("--flows", nargs="+", choices=FLOWS, default=list(FLOWS), help="flows to time")
+    parser.add_argument("--repeats", type=int, help="timed runs of each flow (default 3, --quick 2)")
+    parser.add_argument("--threads", type=int, help="torch.set_num_threads (CPU timings on a shared machine)")
     args = parser.parse_args(argv)
+    set_threads(args.threads)
+    repeats = args.repeats or (2 if args.quick else 3)
     device = torch.device(args.device)
     dtype = DTYPES[args.dtype or ("fp16" if device.type == "cuda" else "fp32")]
     size, steps, images, captions = (256, 4, 1, 2) if args.quick else (512, 50, 2, 4)
@@ -157,13 +213,15 @@ def main(argv=None) -> None:
         if any(fast_paths.values()):
             models.diffuser = accelerate_diffuser(models.diffuser, cache_dir=args.cache_dir, **fast_paths)
         flow(models, n, SamplingOptions(steps=2))  # warm-up: kernels, allocator, cuDNN choices, graphs
-        milliseconds, peak, _ = measure(lambda: flow(models, n, SamplingOptions(steps=steps)), device, 1, warmup=0)
-        seconds = milliseconds / 1000
-        print(json.dumps({"bench": name, "device": str(device), "dtype": str(dtype).removeprefix("torch."),
-                          "width": size, "height": size, "n": n, "steps": steps, "seconds": round(seconds, 3),
-                          "seconds_per_step": round(seconds / steps, 4), "peak_mem_mb": round(peak),
-                          "fast_paths": fast_paths}), flush=True)
-        models = None  # free this flow's parts before the next one is built
+        clock = StepClock(device)
+
+        def timed_run(flow=flow, models=models, n=n, clock=clock):
+            clock.start_run()
+            return flow(models, n, clock.options(steps))
+
+        timing = measure(timed_run, device, repeats, warmup=0)
+        print(json.dumps(flow_line(name, device, dtype, size, n, steps, timing, clock, fast_paths)), flush=True)
+        models = timed_run = timing = None  # free this flow's parts before the next one is built
         gc.collect()
         if device.type == "cuda":
             torch.cuda.empty_cache()

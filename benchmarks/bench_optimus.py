@@ -1,6 +1,7 @@
 """Speed and memory of Optimus decoding (4 captions), with and without the KV cache: one JSON line each.
 
     python benchmarks/bench_optimus.py [--device cpu|cuda] [--dtype fp32|fp16|bf16] [--repeats N] [--quick]
+        [--threads N]
 
 The full-size GPT-2 decoder (12 layers, width 768, vocabulary 50260, latent 768) is built from its
 config with random weights (nothing is downloaded); random weights rarely produce ``<EOS>``, so
@@ -9,8 +10,8 @@ every caption runs to the official 30 tokens — the worst case. Four latents ar
 cache and with the official full-prefix recomputation. Default: CPU in float32, and CUDA in
 float16 when a GPU is present. ``--quick``: 1 timed run (default 3).
 
-Each line: ``{"bench", "device", "dtype", "shape", "median_ms", "peak_mem_mb", "tokens",
-"weights_mb"}``; ``shape`` is the latents' shape, ``tokens`` the ids generated per run.
+Each line: ``{"bench", "device", "dtype", "shape", "median_ms", "min_ms", "max_ms", "repeats",
+"threads", "peak_mem_mb", "tokens", "weights_mb"}`` (spread fields: ``timing.spread``); ``shape`` is the latents' shape, ``tokens`` the ids generated per run.
 ``peak_mem_mb`` as ``timing.measure`` defines it: ``torch.cuda.max_memory_allocated`` on CUDA
 (weights included); on the CPU the rise of the process's peak RSS during the timed runs.
 """
@@ -30,7 +31,7 @@ if str(Path(__file__).resolve().parents[1]) not in sys.path:  # as a script; nev
 
 from vd_core.optimus.decoding import generate_token_ids  # noqa: E402
 from vd_core.optimus.gpt2_decoder import GPT2DecoderConfig, GPT2LatentDecoder  # noqa: E402
-from timing import measure  # noqa: E402  (benchmarks/timing.py, beside this script)
+from timing import measure, set_threads  # noqa: E402  (benchmarks/timing.py, beside this script)
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 FULL_SIZE = GPT2DecoderConfig(vocab_size=50260, hidden_size=768, num_layers=12, num_heads=12, max_positions=1024,
@@ -69,15 +70,15 @@ def bench(device: torch.device, dtype: torch.dtype, repeats: int):
             run = partial(generate_token_ids, decoder, latents, bos_id=BOS, eos_id=EOS, greedy=mode == "greedy",
                           max_length=MAX_LENGTH, generator=torch.Generator().manual_seed(20),
                           use_kv_cache=use_kv_cache)
-            median_ms, peak_mb, ids = measure(run, device, repeats, warmup=0)
+            result = measure(run, device, repeats, warmup=0)
             yield {
                 "bench": f"optimus_decode_{mode}_{'kv' if use_kv_cache else 'nokv'}",
                 "device": str(device),
                 "dtype": str(dtype).removeprefix("torch."),
                 "shape": list(latents.shape),
-                "median_ms": round(median_ms, 1),
-                "peak_mem_mb": round(peak_mb, 1),
-                "tokens": sum(len(row) - 1 for row in ids),  # <BOS> is given, not generated
+                **result.fields(),
+                "peak_mem_mb": round(result.peak_mem_mb, 1),
+                "tokens": sum(len(row) - 1 for row in result.last),  # <BOS> is given, not generated
                 "weights_mb": round(weights_mb, 1),
             }
 
@@ -88,7 +89,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--dtype", choices=sorted(DTYPES), help="weights dtype (default: fp32 CPU, fp16 CUDA)")
     parser.add_argument("--repeats", type=int, help="timed runs (default 3, --quick 1)")
     parser.add_argument("--quick", action="store_true", help="1 timed run per measurement")
+    parser.add_argument("--threads", type=int, help="torch.set_num_threads (CPU timings on a shared machine)")
     args = parser.parse_args(argv)
+    set_threads(args.threads)
 
     devices = [args.device] if args.device else ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
     repeats = args.repeats or (1 if args.quick else 3)

@@ -1,7 +1,13 @@
 """Run every benchmark script and print one normalised JSON line per measurement.
 
     python benchmarks/run_all.py [--device cpu|cuda] [--dtype fp32|fp16|bf16] [--quick] [--size full|mid]
-        [--cache-dir D] [--only NAME ...] [--out results.jsonl]
+        [--cache-dir D] [--only NAME ...] [--threads N] [--repeats N] [--out results.jsonl] [--markdown F]
+    python benchmarks/run_all.py --readme --device cpu --threads 2 [--repeats 3] [--markdown F]
+
+``--readme`` runs exactly the measurements of the README's "Speed" table (``README_RUNS``):
+full-size diffuser forwards (image batch 2, text batch 8, both contexts), the same image forward
+next to diffusers' UNet (needs ``diffusers`` importable; otherwise that line is an error line),
+CLIP contexts, the image VAE (batch 1) and Optimus decoding, each with ``--repeats`` timed runs.
 
 Each script runs in its own process (its peak memory is its own, compiled state does not leak),
 ``bench_diffuser.py`` once per fast-path setting:
@@ -11,8 +17,8 @@ Each script runs in its own process (its peak memory is its own, compiled state 
   plain and the fastest setting also time 50-step guided DDIM loops.
 
 Every line keeps the script's own fields and has at least ``script``, ``bench``, ``device``,
-``dtype``, ``shape``, ``median_ms``, ``peak_mem_mb`` and ``fast_paths`` (``bench_flows.py``'s
-single timed run is reported as ``median_ms``; its ``shape`` is ``[n, 3, height, width]``). On
+``dtype``, ``shape``, ``median_ms``, ``min_ms``, ``max_ms``, ``repeats`` (``timing.spread``),
+``peak_mem_mb`` and ``fast_paths`` (``bench_flows.py``'s ``shape`` is ``[n, 3, height, width]``). On
 CUDA, lines with a target of the speed issue add ``target_ms`` and ``meets_target`` (and
 ``target_peak_mem_mb``, ``meets_memory_target`` for text→image's 3 GB). A script
 that fails gives a line with ``error`` and makes the exit status 1.
@@ -61,8 +67,32 @@ def flow_runs(device: str) -> list[list[str]]:
     return [[], ["--channels-last", "--cuda-graphs"]]
 
 
+# Scripts that take --threads and --repeats (bench_memory.py measures no time).
+TIMED = ("bench_diffuser.py", "bench_encoders.py", "bench_optimus.py", "bench_flows.py")
+
+
+def readme_runs(device: str) -> list[tuple[str, list[str]]]:
+    """The README "Speed" table's measurements: ``(script, arguments)`` without threads/repeats."""
+    common = ["--device", device]
+    return [
+        ("bench_diffuser.py", common + ["--quick"]),  # image batch 2, text batch 8; 77 / 257 tokens
+        ("bench_diffuser.py", common + ["--quick", "--compare-diffusers"]),  # image batch 2, alternating
+        ("bench_encoders.py", common + ["--vae-decode-batches", "1"]),  # CLIP 1 / 8 prompts, 1 / 4 images
+        ("bench_optimus.py", common),
+    ]
+
+
+def with_run_options(runs, args) -> list[tuple[str, list[str]]]:
+    """Add ``--threads`` / ``--repeats`` to the timed scripts."""
+    threads, repeats = getattr(args, "threads", None), getattr(args, "repeats", None)  # callers' older options
+    extra = (["--threads", str(threads)] if threads else []) + (["--repeats", str(repeats)] if repeats else [])
+    return [(script, argv + extra if script in TIMED else argv) for script, argv in runs]
+
+
 def commands(args) -> list[tuple[str, list[str]]]:
     """``(script, arguments)`` for every process to run."""
+    if getattr(args, "readme", False):
+        return with_run_options(only(readme_runs(args.device), args), args)
     dtype = args.dtype or ("fp16" if args.device == "cuda" else "fp32")
     common = ["--device", args.device] + (["--quick"] if args.quick else [])
     encoder_dtype = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}[dtype]
@@ -76,6 +106,11 @@ def commands(args) -> list[tuple[str, list[str]]]:
         *(("bench_flows.py", common + ["--dtype", dtype] + extra) for extra in flow_runs(args.device)),
         ("bench_memory.py", []),  # weight bytes per flow, fp16 and fp32, on the meta device
     ]
+    return with_run_options(only(runs, args), args)
+
+
+def only(runs, args) -> list[tuple[str, list[str]]]:
+    """The runs of the scripts ``--only`` names (all without it)."""
     return [(script, argv) for script, argv in runs if not args.only or Path(script).stem in args.only]
 
 
@@ -97,6 +132,22 @@ def normalise(script: str, line: dict) -> dict:
             line["target_peak_mem_mb"] = TARGETS_PEAK_MEM_MB[key]
             line["meets_memory_target"] = line["peak_mem_mb"] <= TARGETS_PEAK_MEM_MB[key]
     return line
+
+
+def markdown_row(line: dict) -> str:
+    """One line as a table row: time as median [min–max] of n, in s above 1 s."""
+    def fmt(ms):
+        return f"{ms / 1000:.2f} s" if ms >= 1000 else f"{ms:.0f} ms"
+
+    if "error" in line:
+        return f"| {line['script']} {' '.join(line['argv'])} | error: {line['error']} | | |"
+    if line.get("median_ms") is None:
+        return f"| {line['script']} {line.get('bench')} | (no timing) | | |"
+    tokens = f", {line['context_tokens']} tokens" if line.get("context_tokens") else ""
+    time = f"{fmt(line['median_ms'])} [{fmt(line['min_ms'])}–{fmt(line['max_ms'])}, n={line['repeats']}]"
+    peak = "—" if line.get("peak_mem_mb") is None else f"+{line['peak_mem_mb']:.0f} MB"
+    shape = " × ".join(map(str, line.get("shape") or []))
+    return f"| {line['bench']}{tokens} | {shape} | {time}, {line.get('threads')} threads | {peak} |"
 
 
 def run(script: str, argv: list[str]) -> tuple[list[dict], str | None]:
@@ -125,8 +176,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--size", choices=["full", "mid"], default="full", help="bench_diffuser.py model size")
     parser.add_argument("--cache-dir", help="persistent torch.compile cache for the compiled runs")
     parser.add_argument("--only", nargs="+", metavar="NAME", help="only these scripts (e.g. bench_diffuser)")
+    parser.add_argument("--threads", type=int, help="every timed script's --threads (CPU on a shared machine)")
+    parser.add_argument("--repeats", type=int, help="every timed script's --repeats (default: each script's)")
+    parser.add_argument("--readme", action="store_true", help="only the README Speed table's measurements")
     parser.add_argument("--out", type=Path, help="also append the lines to this file")
+    parser.add_argument("--markdown", type=Path, help="also append each line as a README table row here")
     args = parser.parse_args(argv)
+    if args.readme and args.repeats is None:
+        args.repeats = 3
 
     failed = False
     for script, script_argv in commands(args):
@@ -140,6 +197,9 @@ def main(argv: list[str] | None = None) -> int:
             if args.out:
                 with args.out.open("a", encoding="utf-8") as out:
                     out.write(text + "\n")
+            if args.markdown:
+                with args.markdown.open("a", encoding="utf-8") as out:
+                    out.write(markdown_row(line) + "\n")
     return 1 if failed else 0
 
 
