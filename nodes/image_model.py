@@ -33,8 +33,8 @@ from ..vd_core.checkpoint import check_same_keys
 from ..vd_core.diffuser import DiffuserConfig, DiffuserParts, FourFlowDiffuser, read_diffuser_state_dict
 from ..vd_core.diffuser.config import RELEASE_NUM_HEADS
 from ..vd_core.diffuser.layout import rename_by_prefix, sd_unet_prefixes
-from ..vd_core.diffuser.loading import WHAT, parts_in_state, select_parts
-from ..vd_core.errors import CheckpointError, VDInputError
+from ..vd_core.diffuser.loading import WHAT, check_parts_present, parts_in_state, select_parts
+from ..vd_core.errors import VDInputError
 from .conditioning import COND_EXTRA, COND_KINDS, COND_RATIOS, NOT_VD_CONDITIONING
 from .multi_context_unet import unet_class_for
 
@@ -176,16 +176,10 @@ def renamed_to_native(state: dict[str, torch.Tensor], context_kinds: tuple[str, 
     """`native_state_dict` of tensors already read (``FourFlowDiffuser`` keys; ``path`` names them
     in messages). Works on meta tensors too (the full-size structure without its weights)."""
     config = DiffuserConfig.from_state_dict(state, num_heads=num_heads, source=f"{WHAT} {path}")
-    held = parts_in_state(state)
-    held_kinds = [k for k in ("text", "image") if getattr(held, f"{k}_context")]
-    absent = [k for k in context_kinds if k not in held_kinds]
-    if absent and held.image_data and held_kinds:  # e.g. a file ModelSave wrote from a text MODEL
-        raise CheckpointError(
-            f"{WHAT} {path} holds no {' and '.join(absent)}-context layers, only {' and '.join(held_kinds)} ones "
-            f"(a file saved from a VD image MODEL keeps just that MODEL's layers): set the VD Loader's image_model "
-            f"to '{'+'.join(held_kinds)}'"
-        )
     parts = DiffuserParts.for_flow("image", list(context_kinds))
+    # e.g. a file ModelSave wrote from a text MODEL keeps just that MODEL's layers
+    held = [k for k in ("text", "image") if parts_in_state(state).has_context(k)]
+    check_parts_present(state, parts, path, f"set the VD Loader's image_model to '{'+'.join(held)}'" if held else None)
     with torch.device("meta"):
         wanted = select_parts(state, FourFlowDiffuser(config, parts), path)
     native, file_names = {}, {}

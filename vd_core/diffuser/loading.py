@@ -88,7 +88,7 @@ def load_diffuser(
     path = Path(path)
     parts = DiffuserParts.all() if parts is None else parts
     state = read_diffuser_state_dict(path)
-    _check_parts_present(state, parts, path)
+    check_parts_present(state, parts, path)
     config = DiffuserConfig.from_state_dict(state, num_heads=num_heads, source=f"{WHAT} {path}",
                                             text_num_heads=text_num_heads)
     with torch.device("meta"):
@@ -159,8 +159,9 @@ def _part_prefixes(parts: DiffuserParts) -> tuple[str, ...]:
     return tuple(prefixes)
 
 
-def _check_parts_present(state: Mapping[str, torch.Tensor], parts: DiffuserParts, path: Path) -> None:
-    """Say which half a file holds when the request needs the other one."""
+def check_parts_present(state: Mapping[str, torch.Tensor], parts: DiffuserParts, path, fix: str | None = None) -> None:
+    """Say which half or layers a file holds when the request needs others (``state``:
+    ``FourFlowDiffuser`` keys; ``fix``: the caller's advice, e.g. a loader setting to change)."""
     halves = {kind for kind in KINDS if any(k.startswith(f"{kind}.") for k in state)}
     needed = {kind for kind in KINDS if parts.has_data(kind) or parts.has_context(kind)}
     if parts.time_embed:
@@ -174,9 +175,10 @@ def _check_parts_present(state: Mapping[str, torch.Tensor], parts: DiffuserParts
     have = parts_in_state(state)
     absent = [f.name for f in fields(parts) if getattr(parts, f.name) and not getattr(have, f.name)]
     if absent:
+        names = " and ".join(name.replace("_context", "-context").replace("_", " ") for name in absent)
         raise CheckpointError(
-            f"{WHAT} {path} has no {', '.join(absent)} layers, which {parts} need(s); use the complete "
-            "vd-four-flow-v1-0 file."
+            f"{WHAT} {path} holds no {names} layers (it holds {have}), which {parts} need(s): "
+            + (fix or "ask only for the parts it holds, or use the complete vd-four-flow-v1-0 file.")
         )
 
 
