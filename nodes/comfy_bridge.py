@@ -201,6 +201,14 @@ def pick_dtype(choice: str, device) -> torch.dtype:
     return torch.float16
 
 
+def model_patcher_class() -> type:
+    """The patcher core uses for diffusion models: ``CoreModelPatcher`` where it exists (newer
+    ComfyUI), ``ModelPatcher`` in 0.3.64. Needs ComfyUI."""
+    import comfy.model_patcher
+
+    return getattr(comfy.model_patcher, "CoreModelPatcher", comfy.model_patcher.ModelPatcher)
+
+
 # --------------------------------------------------------------------------- progress and interrupts
 
 

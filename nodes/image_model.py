@@ -21,7 +21,6 @@ import comfy.conds
 import comfy.model_base
 import comfy.model_detection
 import comfy.model_management as mm
-import comfy.model_patcher
 import comfy.patcher_extension
 import comfy.supported_models
 import comfy.utils
@@ -35,6 +34,7 @@ from ..vd_core.diffuser.config import RELEASE_NUM_HEADS
 from ..vd_core.diffuser.layout import rename_by_prefix, sd_unet_prefixes
 from ..vd_core.diffuser.loading import WHAT, check_parts_present, parts_in_state, select_parts
 from ..vd_core.errors import VDInputError
+from . import comfy_bridge as bridge
 from .conditioning import COND_EXTRA, COND_KINDS, COND_RATIOS, NOT_VD_CONDITIONING
 from .multi_context_unet import unet_class_for
 
@@ -46,7 +46,6 @@ WEIGHT_DTYPES = {
     "fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32,
     "fp8_e4m3fn": torch.float8_e4m3fn, "fp8_e5m2": torch.float8_e5m2,
 }
-ModelPatcher = getattr(comfy.model_patcher, "CoreModelPatcher", comfy.model_patcher.ModelPatcher)
 
 
 class VDImageModel(comfy.model_base.BaseModel):
@@ -230,7 +229,7 @@ def load_image_model(path: str | os.PathLike, context_kinds: tuple[str, ...], we
     model.load_model_weights(state, "")
     log.info("VD image MODEL: %s context layers, weights %s (compute %s)", "+".join(context_kinds), dtype,
              manual_cast or dtype)
-    patcher = ModelPatcher(model, load_device=load_device, offload_device=offload_device)
+    patcher = bridge.model_patcher_class()(model, load_device=load_device, offload_device=offload_device)
     patcher.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.OUTER_SAMPLE, "vd_unreached_patches",
                                  _warn_unreached_patches)
     return patcher

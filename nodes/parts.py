@@ -76,17 +76,16 @@ class ManagedModule:
         self.patcher = None
         self.full_load = True
         if bridge.comfy_available():
-            from .image_model import ModelPatcher
-
             self.full_load = not use_comfy_casting(module)
             holder = _holder_class(name)(module)
-            self.patcher = ModelPatcher(holder, load_device=bridge.compute_device(), offload_device=bridge.offload_device())
+            self.patcher = bridge.model_patcher_class()(holder, load_device=bridge.compute_device(),
+                                                        offload_device=bridge.offload_device())
 
-    def use(self, memory_required: int = 0) -> torch.nn.Module:
-        """The module on the compute device; ``memory_required``: bytes to keep free for activations."""
+    def use(self) -> torch.nn.Module:
+        """The module on the compute device."""
         if self.patcher is None:
             return self.module.to(bridge.compute_device())
         import comfy.model_management as mm
 
-        mm.load_models_gpu([self.patcher], memory_required=memory_required, force_full_load=self.full_load)
+        mm.load_models_gpu([self.patcher], force_full_load=self.full_load)
         return self.module
