@@ -19,8 +19,8 @@ import latent_preview
 import torch
 
 from ..vd_core.flows.options import SamplingOptions
-from ..vd_core.flows.sampling import check_options, run_sampler
-from ..vd_core.samplers import NoiseSource, ddim_timesteps, img2img_sigmas, sigma_range, sigmas_karras, sigmas_uniform
+from ..vd_core.flows.sampling import check_options, fidelity_steps, k_sampler_sigmas, run_sampler
+from ..vd_core.samplers import NoiseSource, ddim_timesteps
 from .conditioning import conditioning_pair
 
 
@@ -68,14 +68,10 @@ def visited_sigmas(options: SamplingOptions, denoise: float, model_sampling) -> 
     if options.sampler == "ddim":
         timesteps = ddim_timesteps(options.steps)
         if denoise < 1.0:  # the fidelity path runs the first k timesteps (algorithm.md §7.4)
-            timesteps = timesteps[: int(options.steps * denoise)]
+            timesteps = timesteps[: fidelity_steps(options, denoise)]
         sigmas = model_sampling.sigma(timesteps.flip(0).to(torch.float32))
         return torch.cat([sigmas.cpu(), sigmas.new_zeros(1).cpu()])
-    if options.scheduler == "karras":
-        sigmas = sigmas_karras(options.steps, *sigma_range())
-    else:
-        sigmas = sigmas_uniform(options.steps)
-    return img2img_sigmas(sigmas, denoise) if denoise < 1.0 else sigmas
+    return k_sampler_sigmas(options, denoise)
 
 
 def sample_image_latent(model, contexts, latent: torch.Tensor, *, options: SamplingOptions, noise: NoiseSource,
@@ -101,7 +97,7 @@ def sample_image_latent(model, contexts, latent: torch.Tensor, *, options: Sampl
     """
     check_options(options)
     start = latent if denoise < 1.0 else torch.zeros_like(latent)
-    if denoise < 1.0 and options.sampler == "ddim" and int(options.steps * denoise) == 0:
+    if denoise < 1.0 and options.sampler == "ddim" and fidelity_steps(options, denoise) == 0:
         return latent  # nothing to denoise (the WebUI's fidelity 1)
     first = noise(torch.zeros_like(latent, dtype=torch.float32))
     positive, negative = conditioning if conditioning is not None else conditioning_pair(contexts)

@@ -229,6 +229,22 @@ def _guided_eps(diffuser, contexts, data_kind: ContextKind, n, options, device, 
     return GuidedEps(diffuser, cond, None if options.guidance == 1 else uncond, options.guidance)
 
 
+def fidelity_steps(options: SamplingOptions, denoise: float) -> int:
+    """DDIM steps the official fidelity path runs from a start latent: ``int(steps·denoise)``, the
+    WebUI's ``int(steps·(1 − fidelity))`` (algorithm.md §8); 0 returns the start latent."""
+    return int(options.steps * denoise)
+
+
+def k_sampler_sigmas(options: SamplingOptions, denoise: float = 1.0) -> torch.Tensor:
+    """The k-samplers' noise levels, ending at 0: uniform or Karras spacing, and for image-to-image
+    (``denoise`` < 1) the last part of that schedule, the same step count as DDIM's fidelity path."""
+    if options.scheduler == "karras":
+        sigmas = sigmas_karras(options.steps, *sigma_range())
+    else:
+        sigmas = sigmas_uniform(options.steps)
+    return img2img_sigmas(sigmas, denoise) if denoise < 1.0 else sigmas
+
+
 def run_sampler(eps, like: torch.Tensor, options: SamplingOptions, noise: NoiseSource, x0=None,
                 denoise: float = 1.0) -> torch.Tensor:
     """Run the chosen sampler in diffusion space and return the final sample.
@@ -248,18 +264,13 @@ def run_sampler(eps, like: torch.Tensor, options: SamplingOptions, noise: NoiseS
         ddim = {"eta": _eta(options), "noise": noise, **hooks}
         if not from_x0:
             return sample_ddim(eps, noise(like), options.steps, **ddim)
-        k = int(options.steps * denoise)  # the WebUI's int(steps·(1 − fidelity)), algorithm.md §8
+        k = fidelity_steps(options, denoise)
         if k == 0:
             return x0
         x, start_step = ddim_noised_start(x0, options.steps, k, noise)
         return sample_ddim(eps, x, options.steps, start_step=start_step, **ddim)
 
-    if options.scheduler == "karras":
-        sigmas = sigmas_karras(options.steps, *sigma_range())
-    else:
-        sigmas = sigmas_uniform(options.steps)
-    if from_x0:
-        sigmas = img2img_sigmas(sigmas, denoise)  # the same step count as DDIM's fidelity path
+    sigmas = k_sampler_sigmas(options, denoise if from_x0 else 1.0)
     x = initial_latent(noise(like), sigmas, x0 if from_x0 else None)
     denoiser = eps_model_to_denoiser(eps)
     if options.sampler == "euler_ancestral":
